@@ -1,0 +1,48 @@
+# The two commands of the README: `make demo` and `make test`. Each does its own set-up.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The machine may point PIP_FIND_LINKS at a CPU-only torch wheel with which torchvision
+# does not import; install the registry's torch like any user (see docs/install.md).
+PIP := env -u PIP_FIND_LINKS $(BIN)/pip
+export OMP_NUM_THREADS ?= 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+DEMO_DEBS := dataset-fashion-mnist
+TEST_DEBS := dataset-fashion-mnist slurm-wlm slurmctld slurmd slurm-client slurmdbd munge mariadb-server postgresql
+
+.PHONY: demo test venv debs-demo debs-test bench clean
+
+$(BIN)/dist-train: pyproject.toml requirements/pins.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q -c requirements/pins.txt -e '.[all,test]'
+	touch $@
+
+venv: $(BIN)/dist-train
+
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+endef
+
+debs-demo:
+	$(call apt_install,$(DEMO_DEBS))
+
+debs-test:
+	$(call apt_install,$(TEST_DEBS))
+
+demo: debs-demo venv
+	$(BIN)/python -m dist_train.demo
+
+test: debs-test venv
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) .cache data/shards runs mlruns mlflow.db

@@ -1,0 +1,111 @@
+"""The backend interface: everything the trainer needs from DDP or DeepSpeed, and nothing else.
+
+The trainer calls, per optimizer step: ``set_global_batch_size`` (returns the
+accumulation steps), then for each micro-batch ``grad_sync(last)`` around a
+forward through ``model`` and a ``backward``, then ``optimizer_step``.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist_train.config import accumulation_steps
+from dist_train.distributed import DistInfo
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+class Backend(abc.ABC):
+    """Set-up, backward, optimizer step, batch size, collectives and state of one training run."""
+
+    def __init__(self, info: DistInfo, *, micro_batch_size: int):
+        self.info = info
+        self.micro_batch_size = micro_batch_size
+        self.global_batch_size = 0
+        self.accum_steps = 0
+
+    # --- set-up -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        """Move ``model`` to the device, wrap it, and build its optimizer."""
+
+    @property
+    @abc.abstractmethod
+    def model(self) -> nn.Module:
+        """What the trainer calls for the training forward pass (possibly a wrapper)."""
+
+    @property
+    @abc.abstractmethod
+    def module(self) -> nn.Module:
+        """The bare model, for evaluation and export."""
+
+    @property
+    @abc.abstractmethod
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer whose hyperparameters the schedule sets."""
+
+    # --- one step ----------------------------------------------------------------------------
+    def set_global_batch_size(self, global_batch_size: int) -> int:
+        """Set B for the following steps; returns the accumulation steps. A clear error if B does not divide."""
+        self.accum_steps = accumulation_steps(global_batch_size, micro_batch_size=self.micro_batch_size,
+                                              world_size=self.info.world_size)
+        self.global_batch_size = global_batch_size
+        return self.accum_steps
+
+    @abc.abstractmethod
+    def grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-step's forward and backward; gradients are all-reduced only if ``enabled``."""
+
+    @abc.abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of a loss already divided by the accumulation steps."""
+
+    @abc.abstractmethod
+    def optimizer_step(self, *, grad_clip_norm: float = 0.0) -> torch.Tensor:
+        """Step the optimizer on the synced gradients, zero them, and return the global gradient norm."""
+
+    # --- collectives -------------------------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.info.is_distributed:
+            dist.all_reduce(tensor, op=op)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.info.is_distributed:
+            dist.barrier()
+
+    @property
+    def is_main(self) -> bool:
+        return self.info.is_main
+
+    # --- state -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Model and optimizer state; a collective call on all ranks (sharded state is gathered)."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Strict load of what ``state_dict`` returned, on every rank."""
+
+
+def build_backend(name: str, info: DistInfo, *, micro_batch_size: int, **options: Any) -> Backend:
+    if name == "ddp":
+        from dist_train.backends.ddp import DDPBackend
+
+        return DDPBackend(info, micro_batch_size=micro_batch_size, **options)
+    if name == "deepspeed":
+        from dist_train.backends.deepspeed import DeepSpeedBackend  # imported here: deepspeed is heavy
+
+        return DeepSpeedBackend(info, micro_batch_size=micro_batch_size, **options)
+    raise ValueError(f"backend.name={name!r} is not known; use ddp or deepspeed")
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield

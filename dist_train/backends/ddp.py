@@ -1,0 +1,64 @@
+"""PyTorch DDP: NCCL on GPUs, gloo on CPUs; a plain module when there is one process."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dist_train.backends.base import Backend, OptimizerFactory, _nothing
+
+
+class DDPBackend(Backend):
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        self._module = model.to(self.info.device)
+        if self.info.is_distributed:
+            device_ids = [self.info.device.index] if self.info.device.type == "cuda" else None
+            # gradient_as_bucket_view saves a copy of every gradient; DDP also broadcasts rank 0's
+            # parameters here, so all ranks start identical whatever their seeds.
+            self._model: nn.Module = DistributedDataParallel(self._module, device_ids=device_ids,
+                                                             gradient_as_bucket_view=True)
+        else:
+            self._model = self._module
+        self._optimizer = make_optimizer(self._module)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer
+
+    def grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        # DDP decides at forward time whether the coming backward all-reduces, so the
+        # forward must run inside no_sync() on accumulation micro-steps, not just the backward.
+        if enabled or not isinstance(self._model, DistributedDataParallel):
+            return _nothing()
+        return self._model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self, *, grad_clip_norm: float = 0.0) -> torch.Tensor:
+        params = [p for p in self._module.parameters() if p.grad is not None]
+        # Gradients are identical on every rank after the all-reduce, so is this norm.
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm if grad_clip_norm > 0 else float("inf"),
+                                              foreach=True)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self._module.state_dict(), "optimizer": self._optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._module.load_state_dict(state["model"], strict=True)
+        self._optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,137 @@
+"""The config tree. Defaults live here; YAML files in configs/ hold only differences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dist_train.optim.config import OptimConfig
+from dist_train.schedule.config import ScheduleConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = "data/shards/fashion_mnist"
+    """Directory holding ``manifest.json`` and the train/test tar shards written by ``dist-train make-shards``."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank. Each needs at least one training shard of its own."""
+    shuffle_buffer: int = 2000
+    """Samples held in the training shuffle buffer, per worker."""
+    image_size: int = 0
+    """Training crop size in pixels; 0 keeps the stored size (Fashion-MNIST's 28)."""
+    max_bad_sample_fraction: float = 0.01
+    """Stop the run when more than this fraction of samples fail to decode."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise ValueError("data.num_workers must be >= 0")
+        if self.shuffle_buffer < 0:
+            raise ValueError("data.shuffle_buffer must be >= 0 (0 disables shuffling)")
+        if not 0.0 <= self.max_bad_sample_fraction < 1.0:
+            raise ValueError("data.max_bad_sample_fraction must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "cifar_resnet20"
+    """Model by name: ``resnet18``, ``resnet50`` (torchvision) or ``cifar_resnet{8,20,32,56}`` for 28-32 px inputs."""
+    channels_last: bool = False
+    """Use the channels_last memory format (faster on GPUs with tensor cores)."""
+    width: int = 16
+    """Channels in the first stage of a CIFAR-style ResNet (ignored by torchvision models)."""
+
+    def __post_init__(self) -> None:
+        if self.width < 1:
+            raise ValueError("model.width must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    global_batch_size: int = 256
+    """Samples per optimizer step across all ranks: micro_batch_size x world size x accumulation steps."""
+    micro_batch_size: int = 128
+    """Samples per forward/backward on one rank. The global batch must be a multiple of micro x world size."""
+    epochs: float = 5.0
+    """Training length in epochs of the training set (samples seen / dataset size)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps; 0 means no limit beyond ``epochs``."""
+    eval_every_epochs: float = 1.0
+    """Evaluate on the test shards every this many epochs, and always at the end; 0 evaluates only at the end."""
+    log_every_steps: int = 10
+    """Send per-step metrics to the tracker every this many optimizer steps."""
+    seed: int = 0
+    """Seeds every RNG (python, numpy, torch, data order). Ranks derive their own streams from it."""
+    run_dir: str = "runs/default"
+    """This run's outputs: the resolved config, ``summary.json`` and, unless set elsewhere, checkpoints."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto`` picks CUDA when available (one GPU per local rank), else CPU."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Autocast dtype for the forward pass."""
+    grad_clip_norm: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0."""
+    threads_per_rank: int = 0
+    """torch intra-op threads per rank; 0 divides the machine's cores among the local ranks."""
+
+    def __post_init__(self) -> None:
+        if self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise ValueError("train.global_batch_size and train.micro_batch_size must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}; pick a global batch that is "
+                f"micro_batch_size x world size x accumulation steps"
+            )
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("set train.epochs > 0 or train.max_steps > 0, or the run has no length")
+        if self.log_every_steps < 1:
+            raise ValueError("train.log_every_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: Literal["ddp", "deepspeed"] = "ddp"
+    """Distributed backend: PyTorch DDP (NCCL on GPU, gloo on CPU) or DeepSpeed ZeRO."""
+    shard_optimizer_state: bool = False
+    """DDP only: shard optimizer state across ranks (ZeRO-1); each rank keeps only its share."""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    tracking_uri: str = ""
+    """MLflow tracking URI. Empty: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db``."""
+    experiment: str = "dist_train"
+    """MLflow experiment name."""
+    run_name: str = ""
+    """MLflow run name; empty lets MLflow choose one."""
+    enabled: bool = True
+    """Track the run in MLflow at all."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    dir: str = ""
+    """Directory for checkpoints; empty means ``<train.run_dir>/checkpoints``."""
+    every_steps: int = 0
+    """Save every this many optimizer steps, and always at the end; 0 saves only at the end."""
+    resume: bool = True
+    """Resume from the latest checkpoint in ``dir`` when one exists."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 0 or self.keep_last < 1:
+            raise ValueError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

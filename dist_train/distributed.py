@@ -1,0 +1,101 @@
+"""The one place that reads launcher environment variables and starts the process group.
+
+torchrun and submitit's ``TorchDistributedEnvironment().export()`` set RANK, WORLD_SIZE,
+LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT. A bare ``srun`` sets only
+SLURM_* variables; those are translated here. With neither, the run is a single process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import subprocess
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "").strip():
+            return int(os.environ[name].split("(")[0].split(",")[0])
+    return default
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0]
+
+
+def read_launch_env() -> tuple[int, int, int, int]:
+    """(rank, world_size, local_rank, local_world_size) from torchrun/submitit or SLURM variables."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = _env_int("RANK", default=0), _env_int("WORLD_SIZE", default=1)
+        local_rank = _env_int("LOCAL_RANK", default=0)
+        return rank, world, local_rank, _env_int("LOCAL_WORLD_SIZE", default=world)
+    if "SLURM_PROCID" in os.environ and _env_int("SLURM_NTASKS", default=1) > 1:
+        rank, world = _env_int("SLURM_PROCID", default=0), _env_int("SLURM_NTASKS", default=1)
+        local_rank = _env_int("SLURM_LOCALID", default=0)
+        local_world = _env_int("SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", default=world)
+        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+        os.environ.setdefault("MASTER_PORT", str(20000 + _env_int("SLURM_JOB_ID", default=0) % 20000))
+        return rank, world, local_rank, local_world
+    return 0, 1, 0, 1
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=auto or cpu")
+    if requested in ("cuda", "auto") and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(*, device: str = "auto", threads_per_rank: int = 0, timeout_s: int = 1800) -> DistInfo:
+    """Start the process group if launched with several processes; pick the device and thread count."""
+    rank, world, local_rank, local_world = read_launch_env()
+    dev = pick_device(device, local_rank)
+    if dev.type == "cpu":
+        # Ranks on one machine share its cores; oversubscribing them slows every rank down.
+        torch.set_num_threads(threads_per_rank or max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, device=dev)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA). Ranks pass the same seed so models start identical."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

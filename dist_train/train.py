@@ -1,0 +1,117 @@
+"""Assemble a run from its config and train: the one entry point torchrun, SLURM and the demo call."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dist_train.config import Config, check_world_size, flatten, load_config, to_dict
+
+log = logging.getLogger("dist_train")
+
+
+def run(config_path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train with the config at ``config_path`` plus dotted ``overrides``; returns the final metrics."""
+    cfg = load_config(config_path, overrides)
+    from dist_train.distributed import init_distributed, shutdown
+
+    info = init_distributed(device=cfg.train.device, threads_per_rank=cfg.train.threads_per_rank)
+    try:
+        return train(cfg, info)
+    finally:
+        shutdown()
+
+
+def train(cfg: Config, info: Any) -> dict[str, Any]:
+    import torch
+
+    from dist_train.backends import build_backend
+    from dist_train.checkpoint import Checkpointer
+    from dist_train.data import loader
+    from dist_train.data.shards import read_manifest
+    from dist_train.distributed import seed_everything
+    from dist_train.models import build_model
+    from dist_train.optim import build_optimizer, set_hyperparams, slow_weights
+    from dist_train.schedule import Schedule
+    from dist_train.trainer import Normalise, Trainer
+
+    check_world_size(cfg.train, info.world_size)
+    seed_everything(cfg.train.seed)
+    manifest = read_manifest(cfg.data.shards)
+    num_classes = len(manifest["classes"])
+    dataset_size = int(manifest["splits"]["train"]["num_samples"])
+
+    model = build_model(cfg.model.name, num_classes=num_classes, in_channels=manifest["image"]["channels"],
+                        width=cfg.model.width)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    backend = build_backend(cfg.backend.name, info, micro_batch_size=cfg.train.micro_batch_size)
+    backend.setup(model, lambda m: build_optimizer(m, cfg.optim, shard=cfg.backend.shard_optimizer_state))
+    schedule = Schedule(cfg.schedule, base_lr=cfg.optim.lr, base_momentum=cfg.optim.momentum,
+                        base_global_batch_size=cfg.train.global_batch_size, dataset_size=dataset_size,
+                        optimizer_family="sgd" if cfg.optim.name == "sgd" else "normalized")
+
+    run_dir = Path(cfg.train.run_dir)
+    checkpointer = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+                                is_main=info.is_main)
+    mean, std = loader.NORMALISATION.get(manifest["dataset"], ((0.5,) * manifest["image"]["channels"],) * 2)
+    data_seed = cfg.train.seed * 7919 + 1
+    trainer = Trainer(
+        cfg.train, backend=backend, schedule=schedule, set_hyperparams=set_hyperparams,
+        train_loader_fn=lambda: loader.train_batches(manifest, cfg.data.shards, cfg.data,
+                                                     micro_batch_size=cfg.train.micro_batch_size, rank=info.rank,
+                                                     world_size=info.world_size, seed=data_seed),
+        eval_loader_fn=lambda: loader.eval_batches(manifest, cfg.data.shards, cfg.data,
+                                                   micro_batch_size=cfg.train.micro_batch_size, rank=info.rank,
+                                                   world_size=info.world_size),
+        normalise=Normalise(mean, std, device=info.device, channels_last=cfg.model.channels_last),
+        dataset_size=dataset_size, tracker=None, checkpointer=checkpointer,
+        eval_weights=lambda: slow_weights(backend.optimizer),
+        max_bad_sample_fraction=cfg.data.max_bad_sample_fraction,
+        checkpoint_every_steps=cfg.checkpoint.every_steps,
+    )
+    run_id = _resume(trainer, cfg, checkpointer, run_dir)
+    trainer.tracker = _start_tracking(cfg, info, run_dir, run_id)
+    status = "FAILED"
+    try:
+        summary = trainer.fit()
+        status = "FINISHED"
+    finally:
+        trainer.tracker.finish(status)
+    if info.is_main:
+        summary["mlflow_run_id"] = trainer.tracker.run_id
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        trainer.tracker.log_metrics({f"final/{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
+                                    step=trainer.progress.step)
+    return summary
+
+
+def _resume(trainer: Any, cfg: Config, checkpointer: Any, run_dir: Path) -> str | None:
+    """Load the latest checkpoint if asked to; returns the MLflow run id to continue, if any."""
+    latest = checkpointer.latest() if cfg.checkpoint.resume else None
+    if latest is None:
+        return None
+    trainer.load_state_dict(checkpointer.load(latest))
+    log.warning("resumed from %s at step %d", latest, trainer.progress.step)
+    run_id_file = run_dir / "mlflow_run_id"
+    return run_id_file.read_text().strip() if run_id_file.is_file() else None
+
+
+def _start_tracking(cfg: Config, info: Any, run_dir: Path, run_id: str | None) -> Any:
+    from dist_train.tracking import build_tracker
+
+    tracker = build_tracker(cfg.tracking, is_main=info.is_main, run_id=run_id)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_file = run_dir / "config.yaml"
+        config_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if tracker.run_id:
+            (run_dir / "mlflow_run_id").write_text(tracker.run_id)
+        if run_id is None:  # a continued run already has its params
+            tracker.log_params({**flatten(cfg), "world_size": info.world_size})
+            tracker.log_artifact(config_file)
+    return tracker

@@ -1,0 +1,255 @@
+"""The training loop. It sees only interfaces: backend, schedule, optimizer, data, tracker, checkpointer.
+
+One optimizer step, read top to bottom:
+  1. the schedule maps samples seen to (lr, global batch B, momentum);
+  2. the backend turns B into accumulation steps of fixed micro-batches;
+  3. each micro-batch runs forward and backward; only the last one all-reduces gradients;
+  4. the optimizer steps, and exactly B samples have been consumed.
+Metrics stay on the device and are reduced every ``log_every_steps`` steps, not per step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from dist_train.backends import Backend
+from dist_train.checkpoint import Checkpointer
+from dist_train.config import TrainConfig
+from dist_train.tracking import Tracker
+
+
+@dataclass
+class Progress:
+    """The only mutable training state besides model, optimizer and RNGs."""
+
+    step: int = 0
+    samples_seen: int = 0
+    micro_batches: int = 0
+    """Micro-batches this rank has drawn from its training stream: the data position."""
+    bad_samples: int = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in vars(self):
+            setattr(self, key, int(state[key]))
+
+
+class Normalise:
+    """uint8 NCHW batches on the host -> normalised float on the device."""
+
+    def __init__(self, mean: Iterable[float], std: Iterable[float], *, device: torch.device, channels_last: bool):
+        self.mean = torch.tensor(list(mean), device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(list(std), device=device).view(1, -1, 1, 1) * 255
+        self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).float()
+        return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, backend: Backend, schedule: Any, set_hyperparams: Callable[..., None],
+                 train_loader_fn: Callable[[], Iterable[dict]], eval_loader_fn: Callable[[], Iterable[dict]],
+                 normalise: Normalise, dataset_size: int, tracker: Tracker, checkpointer: Checkpointer,
+                 eval_weights: Callable[[], Any], max_bad_sample_fraction: float, checkpoint_every_steps: int = 0,
+                 on_step: Callable[["Trainer", dict[str, float]], None] | None = None):
+        self.cfg = cfg
+        self.backend = backend
+        self.schedule = schedule
+        self.set_hyperparams = set_hyperparams
+        self.train_loader_fn = train_loader_fn
+        self.eval_loader_fn = eval_loader_fn
+        self.normalise = normalise
+        self.dataset_size = dataset_size
+        self.tracker = tracker
+        self.checkpointer = checkpointer
+        self.eval_weights = eval_weights
+        self.max_bad_sample_fraction = max_bad_sample_fraction
+        self.checkpoint_every_steps = checkpoint_every_steps
+        self.on_step = on_step
+        self.progress = Progress()
+        self.total_samples = self._total_samples()
+        self._stream: Iterator[dict] | None = None
+        self._window = _MetricWindow(backend.info.device)
+        self.history: list[dict[str, float]] = []
+
+    # --- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend.state_dict(), "progress": self.progress.state_dict(),
+                "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.backend.load_state_dict(state["backend"])
+        self.progress.load_state_dict(state["progress"])
+        torch.set_rng_state(state["torch_rng"])
+        self._stream = None  # re-created at the saved data position on next use
+
+    def save_checkpoint(self) -> None:
+        state = self.state_dict()  # collective: every rank takes part (sharded optimizer state)
+        self.checkpointer.save(state, step=self.progress.step)
+        self.backend.barrier()
+
+    # --- the loop ----------------------------------------------------------------------------
+    def _total_samples(self) -> int:
+        by_epochs = math.ceil(self.cfg.epochs * self.dataset_size) if self.cfg.epochs > 0 else math.inf
+        return by_epochs if isinstance(by_epochs, int) else 0
+
+    def _done(self) -> bool:
+        p = self.progress
+        if self.cfg.max_steps and p.step >= self.cfg.max_steps:
+            return True
+        return self.cfg.epochs > 0 and p.samples_seen >= self.total_samples
+
+    def _next_micro_batch(self) -> dict:
+        if self._stream is None:
+            self._stream = iter(self.train_loader_fn())
+            # Resume: the stream is deterministic given the seed, so skipping what was already
+            # consumed puts this rank exactly where the interrupted run stood.
+            for _ in range(self.progress.micro_batches):
+                next(self._stream)
+        self.progress.micro_batches += 1
+        return next(self._stream)
+
+    def fit(self) -> dict[str, float]:
+        bar = _progress_bar(self) if self.backend.is_main and self.cfg.progress_bar else None
+        next_eval = self._next_eval_epoch()
+        last_eval: dict[str, float] = {}
+        tic, samples_at_tic = time.perf_counter(), self.progress.samples_seen
+        while not self._done():
+            state = self.schedule.state_at(self.progress.samples_seen)
+            self.train_step(state)
+            if self.progress.step % self.cfg.log_every_steps == 0 or self._done():
+                elapsed = time.perf_counter() - tic
+                metrics = self._log_train(state, (self.progress.samples_seen - samples_at_tic) / max(elapsed, 1e-9))
+                tic, samples_at_tic = time.perf_counter(), self.progress.samples_seen
+                if bar is not None:
+                    bar.update(self.progress.samples_seen - bar.n)
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", B=state.global_batch_size,
+                                    lr=f"{state.lr:.3g}", m=f"{state.momentum:.3g}")
+            if self.cfg.eval_every_epochs and self._epoch() >= next_eval and not self._done():
+                last_eval = self.evaluate()
+                next_eval = self._next_eval_epoch()
+            if self._checkpoint_due():
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        last_eval = self.evaluate()
+        self.save_checkpoint()
+        return {**last_eval, "step": self.progress.step, "samples_seen": self.progress.samples_seen,
+                "epoch": self._epoch()}
+
+    def train_step(self, state: Any) -> None:
+        """One optimizer step at the schedule's ``state``: exactly ``state.global_batch_size`` samples."""
+        backend = self.backend
+        accum_steps = backend.set_global_batch_size(state.global_batch_size)
+        self.set_hyperparams(backend.optimizer, lr=state.lr, momentum=state.momentum)
+        backend.model.train()
+        for i in range(accum_steps):
+            batch = self._next_micro_batch()
+            images, labels = self.normalise(batch["image"]), batch["label"].to(backend.info.device)
+            with backend.grad_sync(i == accum_steps - 1):
+                logits = backend.model(images)
+                loss = F.cross_entropy(logits, labels)
+                backend.backward(loss / accum_steps)
+            self._window.add(loss.detach(), logits.detach(), labels, batch["bad_samples"])
+        grad_norm = backend.optimizer_step(grad_clip_norm=self.cfg.grad_clip_norm)
+        self._window.grad_norm = grad_norm
+        self.progress.step += 1
+        self.progress.samples_seen += state.global_batch_size
+
+    def _epoch(self) -> float:
+        return self.progress.samples_seen / self.dataset_size
+
+    def _next_eval_epoch(self) -> float:
+        every = self.cfg.eval_every_epochs
+        return (math.floor(self._epoch() / every + 1e-9) + 1) * every if every else math.inf
+
+    def _checkpoint_due(self) -> bool:
+        every = self.checkpoint_every_steps
+        return bool(every) and self.progress.step % every == 0 and not self._done()
+
+    # --- metrics -----------------------------------------------------------------------------
+    def _log_train(self, state: Any, samples_per_s: float) -> dict[str, float]:
+        window = self._window.reduce(self.backend)
+        self.progress.bad_samples += int(window.pop("bad_samples"))
+        seen = self.progress.samples_seen + self.progress.bad_samples
+        if seen and self.progress.bad_samples / seen > self.max_bad_sample_fraction:
+            raise RuntimeError(
+                f"{self.progress.bad_samples} of {seen} training samples could not be decoded, more than "
+                f"data.max_bad_sample_fraction={self.max_bad_sample_fraction}; check the shards with "
+                f"`dist-train make-shards ... --verify`")
+        metrics = {**window, "lr": state.lr, "global_batch_size": state.global_batch_size,
+                   "momentum": state.momentum, "samples_seen": self.progress.samples_seen, "epoch": self._epoch(),
+                   "throughput/samples_per_s": samples_per_s, "data/bad_samples": self.progress.bad_samples}
+        metrics.update(self.schedule_metrics(state))
+        if self.on_step is not None:
+            self.on_step(self, metrics)
+        self.history.append({"step": self.progress.step, **metrics})
+        self.tracker.log_metrics(metrics, step=self.progress.step)
+        return metrics
+
+    def schedule_metrics(self, state: Any) -> dict[str, float]:
+        noise = getattr(state, "noise_scale", None)
+        return {} if noise is None else {"noise_scale/analytic": noise}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss, top-1 and top-5 over the whole evaluation split; each sample counted once across ranks."""
+        module = self.backend.module
+        module.eval()
+        totals = torch.zeros(4, dtype=torch.float64, device=self.backend.info.device)
+        with self.eval_weights():
+            for batch in self.eval_loader_fn():
+                images, labels = self.normalise(batch["image"]), batch["label"].to(self.backend.info.device)
+                logits = module(images)
+                top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                hits = top5 == labels[:, None]
+                totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                                       hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
+                                       torch.tensor(float(labels.numel()), device=totals.device).double()])
+        self.backend.all_reduce(totals)
+        loss, top1, top5, count = totals.tolist()
+        metrics = {"eval/loss": loss / max(count, 1), "eval/acc1": top1 / max(count, 1),
+                   "eval/acc5": top5 / max(count, 1), "eval/samples": count}
+        self.tracker.log_metrics(metrics, step=self.progress.step)
+        return metrics
+
+
+class _MetricWindow:
+    """Sums of loss and accuracy since the last log, kept on the device to avoid per-step host syncs."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
+        self.grad_norm = torch.zeros((), device=device)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, bad_samples: torch.Tensor) -> None:
+        n = labels.numel()
+        correct = (logits.argmax(dim=1) == labels).sum()
+        self.sums += torch.stack([loss.double() * n, correct.double(), torch.tensor(float(n), device=self.device,
+                                  dtype=torch.float64), bad_samples.to(self.device).double(),
+                                  torch.ones((), device=self.device, dtype=torch.float64)])
+
+    def reduce(self, backend: Backend) -> dict[str, float]:
+        sums = backend.all_reduce(self.sums.clone())
+        loss, correct, count, bad, _ = sums.tolist()
+        out = {"train/loss": loss / max(count, 1), "train/acc1": correct / max(count, 1), "bad_samples": bad,
+               "train/grad_norm": float(self.grad_norm)}
+        self.sums.zero_()
+        return out
+
+
+def _progress_bar(trainer: Trainer):
+    from tqdm import tqdm
+
+    return tqdm(total=trainer.total_samples or None, initial=trainer.progress.samples_seen, unit="img",
+                unit_scale=True, dynamic_ncols=True, desc="train")

@@ -1,0 +1,234 @@
+"""A real single-node SLURM cluster, with accounting, started from Debian's packages.
+
+``SlurmCluster.running()`` brings up, in one temp dir and on loopback ports:
+
+    munged -> mariadbd (private datadir) -> slurmdbd -> slurmctld -> slurmd
+
+and yields once ``sinfo`` shows the node idle and ``sacct`` answers. ``SLURM_CONF`` is exported
+for the clients (sbatch, sacct, scontrol) that submitit calls. Accounting is not optional:
+submitit reads job states from ``sacct``, and without it a cancelled job never reaches
+``done()``. On the way out, jobs are cancelled, every daemon is stopped by the PID in its pid
+file, and the temp dir is removed, also when the body raised.
+
+Needs root (SlurmUser=root; jobs run as root) and the packages slurm-wlm, slurmctld, slurmd,
+slurm-client, slurmdbd, munge and mariadb-server. ``slurm_cluster`` is the pytest fixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from infra.daemons import Daemon, DaemonError, free_port, log_tail, port_open, spawn, stop, wait_until
+
+BINARIES = ("munged", "mungekey", "mariadb-install-db", "mariadbd", "mariadb", "slurmdbd", "slurmctld", "slurmd",
+            "sbatch", "srun", "sinfo", "squeue", "sacct", "sacctmgr", "scontrol", "scancel")
+CLUSTER_NAME = "disttrain"
+PARTITION = "debug"
+DB_USER, DB_PASSWORD, DB_NAME = "slurm", "slurm-test-only", "slurm_acct_db"
+
+
+def unavailable_reason() -> str | None:
+    """Why a cluster cannot be started here, or None when it can."""
+    if os.geteuid() != 0:
+        return "the private SLURM cluster needs root (SlurmUser=root)"
+    missing = [b for b in BINARIES if shutil.which(b) is None]
+    if missing:
+        return (f"SLURM/munge/mariadb binaries missing: {', '.join(missing)} (apt-get install slurm-wlm slurmctld "
+                "slurmd slurm-client slurmdbd munge mariadb-server)")
+    return None
+
+
+@dataclass
+class SlurmCluster:
+    root: Path
+    """Temp dir holding every config, state, spool, pid, log and socket file."""
+    hostname: str
+    cpus: int
+    ports: dict[str, int]
+    daemons: list[Daemon] = field(default_factory=list)
+    partition: str = PARTITION
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "etc" / "slurm.conf"
+
+    @property
+    def munge_socket(self) -> Path:
+        return self.root / "munge" / "munge.socket"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def cli(self, *argv: str, timeout_s: float = 30.0, check: bool = True) -> str:
+        """Run a SLURM client command against this cluster; its stdout."""
+        done = subprocess.run(argv, env=self.env(), capture_output=True, text=True, timeout=timeout_s)
+        if check and done.returncode:
+            raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
+        return done.stdout
+
+    def logs(self) -> str:
+        """Tails of every daemon log, for failure messages."""
+        return "\n".join(f"--- {d.name}:\n{log_tail(d.log, n_lines=15)}" for d in self.daemons)
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, *, start_timeout_s: float = 60.0) -> Iterator["SlurmCluster"]:
+        reason = unavailable_reason()
+        if reason:
+            raise DaemonError(reason)
+        root = Path(tempfile.mkdtemp(prefix="slurm-cluster-"))
+        root.chmod(0o755)  # munged insists that its socket's directories are not private to one user
+        cluster = cls(root=root, hostname=socket.gethostname().split(".")[0], cpus=len(os.sched_getaffinity(0)),
+                      ports={name: free_port() for name in ("mariadb", "slurmdbd", "slurmctld", "slurmd")})
+        previous_conf = os.environ.get("SLURM_CONF")
+        try:
+            cluster._start(start_timeout_s)
+            os.environ["SLURM_CONF"] = str(cluster.conf)
+            yield cluster
+        finally:
+            if previous_conf is None:
+                os.environ.pop("SLURM_CONF", None)
+            else:
+                os.environ["SLURM_CONF"] = previous_conf
+            cluster._shutdown()
+            shutil.rmtree(root, ignore_errors=True)
+
+    # --- start -------------------------------------------------------------------------------
+
+    def _start(self, timeout_s: float) -> None:
+        for sub in ("etc", "munge", "mysql", "db", "state", "spool", "run", "log", "tmp"):
+            (self.root / sub).mkdir(mode=0o755)
+        self._start_munge(timeout_s)
+        self._start_mariadb(timeout_s)
+        self._write_configs()
+        self._start_slurmdbd(timeout_s)
+        self._start_slurm(timeout_s)
+
+    def _start_munge(self, timeout_s: float) -> None:
+        key = self.root / "munge" / "munge.key"
+        subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True)
+        key.chmod(0o600)
+        self.daemons.append(spawn("munged", [
+            "munged", "--foreground", "--force", f"--socket={self.munge_socket}", f"--key-file={key}",
+            f"--pid-file={self.root / 'run' / 'munged.pid'}", f"--log-file={self.root / 'log' / 'munged.log'}",
+            f"--seed-file={self.root / 'munge' / 'munged.seed'}",
+        ], log=self.root / "log" / "munged.out", pid_file=self.root / "run" / "munged.pid"))
+        wait_until(self.munge_socket.exists, what="the munge socket", timeout_s=timeout_s,
+                   daemons=tuple(self.daemons))
+
+    def _start_mariadb(self, timeout_s: float) -> None:
+        datadir, sock = self.root / "mysql", self.root / "run" / "mysqld.sock"
+        subprocess.run(["mariadb-install-db", "--no-defaults", f"--datadir={datadir}", "--user=root",
+                        "--auth-root-authentication-method=socket", "--skip-test-db", "--skip-name-resolve"],
+                       check=True, capture_output=True, timeout=timeout_s)
+        pid_file = self.root / "run" / "mariadbd.pid"
+        self.daemons.append(spawn("mariadbd", [
+            "mariadbd", "--no-defaults", f"--datadir={datadir}", "--user=root", "--bind-address=127.0.0.1",
+            f"--port={self.ports['mariadb']}", f"--socket={sock}", f"--pid-file={pid_file}", "--skip-name-resolve",
+            "--skip-log-bin", "--innodb-buffer-pool-size=64M", "--innodb-flush-log-at-trx-commit=0",
+            f"--log-error={self.root / 'log' / 'mariadbd.log'}",
+        ], log=self.root / "log" / "mariadbd.out", pid_file=pid_file))
+        wait_until(lambda: port_open(self.ports["mariadb"]), what="mariadbd", timeout_s=timeout_s,
+                   daemons=tuple(self.daemons))
+        sql = (f"CREATE USER '{DB_USER}'@'127.0.0.1' IDENTIFIED BY '{DB_PASSWORD}';"
+               f"CREATE DATABASE {DB_NAME};"
+               f"GRANT ALL ON {DB_NAME}.* TO '{DB_USER}'@'127.0.0.1';")
+        subprocess.run(["mariadb", "--no-defaults", f"--socket={sock}", "-u", "root", "-e", sql],
+                       check=True, capture_output=True, timeout=timeout_s)
+
+    def _write_configs(self) -> None:
+        r = self.root
+        auth = ["AuthType=auth/munge", f"AuthInfo=socket={self.munge_socket}"]
+        dbd = [
+            *auth, f"DbdHost={self.hostname}", "DbdAddr=127.0.0.1", f"DbdPort={self.ports['slurmdbd']}",
+            "SlurmUser=root", f"PidFile={r}/run/slurmdbd.pid", f"LogFile={r}/log/slurmdbd.log",
+            "StorageType=accounting_storage/mysql", "StorageHost=127.0.0.1",
+            f"StoragePort={self.ports['mariadb']}", f"StorageUser={DB_USER}", f"StoragePass={DB_PASSWORD}",
+            f"StorageLoc={DB_NAME}",
+        ]
+        memory_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.9)
+        slurm = [
+            f"ClusterName={CLUSTER_NAME}", f"SlurmctldHost={self.hostname}(127.0.0.1)",
+            f"SlurmctldPort={self.ports['slurmctld']}", f"SlurmdPort={self.ports['slurmd']}",
+            *auth, "CredType=cred/munge", "SlurmUser=root", "SlurmdUser=root", "MpiDefault=none",
+            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool", f"TmpFS={r}/tmp",
+            f"SlurmctldPidFile={r}/run/slurmctld.pid", f"SlurmdPidFile={r}/run/slurmd.pid",
+            f"SlurmctldLogFile={r}/log/slurmctld.log", f"SlurmdLogFile={r}/log/slurmd.log",
+            # No systemd or cgroups here: track processes by parentage, bind nothing.
+            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
+            "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
+            "SchedulerParameters=batch_sched_delay=0", "SlurmdParameters=config_overrides",
+            "AccountingStorageType=accounting_storage/slurmdbd", "AccountingStorageHost=127.0.0.1",
+            f"AccountingStoragePort={self.ports['slurmdbd']}",
+            # The slurmctld <-> slurmdbd link ignores AuthInfo; it reads the munge socket from here.
+            f"AccountingStoragePass={self.munge_socket}",
+            "JobRequeue=1", "MinJobAge=2", "KillWait=2", "ReturnToService=2", "MailProg=/bin/true",
+            f"NodeName={self.hostname} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={memory_mb} State=UNKNOWN",
+            f"PartitionName={self.partition} Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP",
+        ]
+        dbd_conf = r / "etc" / "slurmdbd.conf"
+        dbd_conf.write_text("\n".join(dbd) + "\n")
+        dbd_conf.chmod(0o600)  # slurmdbd refuses a config others can read: it holds the DB password
+        self.conf.write_text("\n".join(slurm) + "\n")
+
+    def _start_slurmdbd(self, timeout_s: float) -> None:
+        self.daemons.append(spawn("slurmdbd", ["slurmdbd", "-D"], log=self.root / "log" / "slurmdbd.out",
+                                  pid_file=self.root / "run" / "slurmdbd.pid", env=self.env()))
+        wait_until(lambda: port_open(self.ports["slurmdbd"]), what="slurmdbd", timeout_s=timeout_s,
+                   daemons=tuple(self.daemons))
+        self.cli("sacctmgr", "-i", "add", "cluster", CLUSTER_NAME)
+
+    def _start_slurm(self, timeout_s: float) -> None:
+        env = self.env()
+        self.daemons.append(spawn("slurmctld", ["slurmctld", "-D", "-i"], log=self.root / "log" / "slurmctld.out",
+                                  pid_file=self.root / "run" / "slurmctld.pid", env=env))
+        self.daemons.append(spawn("slurmd", ["slurmd", "-D", "-N", self.hostname],
+                                  log=self.root / "log" / "slurmd.out", pid_file=self.root / "run" / "slurmd.pid",
+                                  env=env))
+        wait_until(self._node_idle, what=f"node {self.hostname} idle in sinfo", timeout_s=timeout_s,
+                   daemons=tuple(self.daemons), interval_s=0.2)
+        wait_until(self._sacct_answers, what="sacct", timeout_s=timeout_s, daemons=tuple(self.daemons))
+
+    def _node_idle(self) -> bool:
+        out = self.cli("sinfo", "--noheader", "--Node", "--format=%N %t", check=False, timeout_s=5)
+        return f"{self.hostname} idle" in out
+
+    def _sacct_answers(self) -> bool:
+        done = subprocess.run(["sacct", "--noheader", "--allusers", "--starttime=now-1hour"], env=self.env(),
+                              capture_output=True, text=True, timeout=10)
+        return done.returncode == 0
+
+    # --- stop --------------------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Cancel jobs, then stop the daemons in reverse start order. Never raises."""
+        running = {d.name for d in self.daemons if d.proc.poll() is None}
+        if {"slurmctld", "slurmd"} <= running:
+            with contextlib.suppress(Exception):
+                self.cli("scancel", f"--cluster={CLUSTER_NAME}", "--full", "--user=root", check=False, timeout_s=10)
+                wait_until(lambda: not self.cli("squeue", "--noheader", check=False, timeout_s=5).strip(),
+                           what="cancelled jobs to end", timeout_s=10, interval_s=0.2)
+        by_name = {d.name: d for d in self.daemons}
+        # slurmd and slurmctld together, then what they depend on.
+        for group in (("slurmd", "slurmctld"), ("slurmdbd",), ("mariadbd",), ("munged",)):
+            stop([by_name[n] for n in group if n in by_name], timeout_s=10)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """A running private SLURM cluster for the whole session; skipped without root or the packages."""
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with SlurmCluster.running() as cluster:
+        yield cluster

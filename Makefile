@@ -41,8 +41,10 @@ debs-test:
 demo: debs-demo venv
 	$(BIN)/python -m dist_train.demo
 
+# pytest exits 5 when it collected no tests; that is a failure here, and says so.
 test: debs-test venv
-	$(BIN)/python -m pytest tests
+	@$(BIN)/python -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests - failing" >&2; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) .cache data/shards runs mlruns mlflow.db

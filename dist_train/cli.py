@@ -13,7 +13,7 @@ def _train(args: argparse.Namespace) -> int:
     from dist_train.train import run
 
     summary = run(args.config, args.overrides)
-    if "eval/acc1" in summary:
+    if summary.get("is_main") and "eval/acc1" in summary:
         print(f"final test accuracy: {summary['eval/acc1']:.4f}")
     return 0
 

@@ -36,7 +36,7 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
     from dist_train.distributed import seed_everything
     from dist_train.models import build_model
     from dist_train.optim import build_optimizer, set_hyperparams, slow_weights
-    from dist_train.schedule import Schedule
+    from dist_train.schedule import Schedule, optimizer_family
     from dist_train.trainer import Normalise, Trainer
 
     check_world_size(cfg.train, info.world_size)
@@ -53,7 +53,8 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
     backend.setup(model, lambda m: build_optimizer(m, cfg.optim, shard=cfg.backend.shard_optimizer_state))
     schedule = Schedule(cfg.schedule, base_lr=cfg.optim.lr, base_momentum=cfg.optim.momentum,
                         base_global_batch_size=cfg.train.global_batch_size, dataset_size=dataset_size,
-                        optimizer_family="sgd" if cfg.optim.name == "sgd" else "normalized")
+                        optimizer_family=optimizer_family(cfg.optim.name),
+                        batch_granularity=cfg.train.micro_batch_size * info.world_size)
 
     run_dir = Path(cfg.train.run_dir)
     checkpointer = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
@@ -82,6 +83,7 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
         status = "FINISHED"
     finally:
         trainer.tracker.finish(status)
+    summary["is_main"] = info.is_main
     if info.is_main:
         summary["mlflow_run_id"] = trainer.tracker.run_id
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -44,7 +44,7 @@ def write_fmnist_subset(out: Path, *, n_train: int, n_test: int, samples_per_sha
 
 @pytest.fixture(scope="session")
 def small_shards(tmp_path_factory) -> Path:
-    """1,000 training images in 5 uneven shards (one short), 300 test images in 3 shards (one short)."""
+    """1,003 training images in 5 shards (3 for rank 0, 2 for rank 1 of 2), 300 test images in 2 shards."""
     out = tmp_path_factory.mktemp("fmnist_small")
-    write_fmnist_subset(out, n_train=1000, n_test=300, samples_per_shard=220)
+    write_fmnist_subset(out, n_train=1003, n_test=300, samples_per_shard=220)
     return out

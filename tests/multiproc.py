@@ -6,6 +6,7 @@ The function must live at module level (it is pickled by reference for ``spawn``
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -25,7 +26,10 @@ def _entry(fn: Callable, rank: int, world_size: int, init_file: str, args: tuple
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
         dist.barrier()
-        results.put((rank, "ok", out))
+        # Plain bytes: tensors put on a queue travel as shared-memory handles that die with this process.
+        buffer = io.BytesIO()
+        torch.save(out, buffer)
+        results.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report every failure to the parent, which raises it
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -35,6 +39,8 @@ def _entry(fn: Callable, rank: int, world_size: int, init_file: str, args: tuple
 
 def run_ranks(fn: Callable, *args: Any, world_size: int = 2, timeout_s: float = 300.0) -> list[Any]:
     """``[fn(0, world_size, *args), ..., fn(world_size-1, ...)]`` computed on real gloo ranks."""
+    import torch
+
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,7 +55,7 @@ def run_ranks(fn: Callable, *args: Any, world_size: int = 2, timeout_s: float = 
                 rank, status, value = results.get(timeout=timeout_s)
                 if status == "error":
                     raise RuntimeError(f"rank {rank} failed:\n{value}")
-                outs[rank] = value
+                outs[rank] = torch.load(io.BytesIO(value), weights_only=False)
         except queue.Empty:
             raise TimeoutError(f"ranks did not finish within {timeout_s}s (a collective hang?)") from None
         finally:

@@ -1,0 +1,232 @@
+"""The measured gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al.; THEORY.md section 2).
+
+Three parts, each usable alone:
+
+- ``GradientNoiseScale``: turns one ``NoiseMeasurement`` per optimizer step (squared gradient norms at
+  two batch sizes) into unbiased |G|^2 and tr(Sigma) estimates, smooths each with a bias-corrected EMA,
+  and exposes ``b_simple``. It keeps its state in tensors on the gradients' device, so ``update`` never
+  waits for the GPU; reading ``b_simple`` (or ``metrics()``) does.
+- ``DDPNoiseScaleProbe``: a DDP communication hook. For every gradient bucket it records the squared
+  norm of the local gradient before the all-reduce and of the averaged one after it; ``measure()`` then
+  averages the local norms over ranks with one scalar all-reduce. B_small is the per-rank batch.
+- ``AccumulationNoiseScaleProbe``: one process with gradient accumulation. The change of ``.grad``
+  across each micro-step's backward is that micro-batch's gradient; B_small is the micro batch.
+
+Both probes assume the loss of each micro-step is the mean over its samples divided by the number of
+accumulation steps, so the final gradient is the mean over the global batch (what the backends do).
+A different common scale of the gradient changes |G|^2 and tr(Sigma) by its square and leaves B_simple.
+
+Per step, for the trainer (DDP)::
+
+    probe = DDPNoiseScaleProbe(ddp_model)             # once; replaces DDP's built-in all-reduce
+    noise = GradientNoiseScale(ema_decay=cfg.schedule.noise_scale.ema_decay)
+    ... micro-steps under no_sync(), last one synced ...
+    noise.update(probe.measure(global_batch_size=B))  # after the synced backward, on every rank
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+Number = float | torch.Tensor
+
+
+@dataclass(frozen=True)
+class NoiseMeasurement:
+    """Squared norms of the mean gradient over two batch sizes of one optimizer step."""
+
+    small_sq_norm: Number
+    """|G_small|^2: mean over the small batches of their gradient's squared norm."""
+    small_batch_size: int
+    """B_small: samples behind each small-batch gradient (per rank, or per micro-batch)."""
+    big_sq_norm: Number
+    """|G_big|^2: squared norm of the gradient over the whole global batch."""
+    big_batch_size: int
+    """B_big: the global batch."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.small_batch_size < self.big_batch_size:
+            raise ValueError(f"need 0 < small_batch_size={self.small_batch_size} < big_batch_size="
+                             f"{self.big_batch_size}: the noise scale needs two different batch sizes "
+                             "(more than one rank, or gradient accumulation)")
+
+
+def unbiased_estimates(m: NoiseMeasurement) -> tuple[Number, Number]:
+    """One step's unbiased (|G|^2, tr(Sigma)) from E|G_B|^2 = |G|^2 + tr(Sigma)/B at two batch sizes."""
+    b_small, b_big = m.small_batch_size, m.big_batch_size
+    grad_sq_norm = (b_big * m.big_sq_norm - b_small * m.small_sq_norm) / (b_big - b_small)
+    trace_cov = (m.small_sq_norm - m.big_sq_norm) / (1.0 / b_small - 1.0 / b_big)
+    return grad_sq_norm, trace_cov
+
+
+class GradientNoiseScale:
+    """Bias-corrected moving averages of |G|^2 and tr(Sigma), and their ratio B_simple.
+
+    The averages are ``ema / weight`` where ``weight`` is the same average taken of 1s, i.e. Adam's
+    bias correction 1 - decay^t; a step whose estimates are not finite (an overflowed gradient) is
+    skipped without a host-device sync.
+    """
+
+    def __init__(self, *, ema_decay: float = 0.99):
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay={ema_decay} must be in [0, 1)")
+        self.ema_decay = ema_decay
+        self._state = torch.zeros(3, dtype=torch.float64)  # ema |G|^2, ema tr(Sigma), ema weight
+
+    def update(self, measurement: NoiseMeasurement) -> None:
+        """Fold in one optimizer step's measurement (call it on every rank: the values agree)."""
+        g2, trace = unbiased_estimates(measurement)
+        device = g2.device if isinstance(g2, torch.Tensor) else self._state.device
+        new = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in (g2, trace, 1.0)])
+        state = self._state.to(device)
+        decayed = self.ema_decay * state + (1.0 - self.ema_decay) * new
+        self._state = torch.where(torch.isfinite(new).all(), decayed, state)
+
+    def _averages(self) -> tuple[float, float] | None:
+        g2, trace, weight = self._state.tolist()
+        return None if weight == 0.0 else (g2 / weight, trace / weight)
+
+    @property
+    def grad_sq_norm(self) -> float | None:
+        """Smoothed |G|^2; None before the first update."""
+        avg = self._averages()
+        return None if avg is None else avg[0]
+
+    @property
+    def trace_cov(self) -> float | None:
+        """Smoothed tr(Sigma), the per-example gradient variance summed over parameters; None before updates."""
+        avg = self._averages()
+        return None if avg is None else avg[1]
+
+    @property
+    def b_simple(self) -> float | None:
+        """tr(Sigma) / |G|^2 from the smoothed values; None before updates or while |G|^2 <= 0."""
+        avg = self._averages()
+        if avg is None or avg[0] <= 0.0:
+            return None
+        return avg[1] / avg[0]
+
+    def metrics(self, prefix: str = "noise_scale/") -> dict[str, float]:
+        """The defined values among grad_sq_norm, trace_cov and b_simple, for a tracker."""
+        values = {"grad_sq_norm": self.grad_sq_norm, "trace_cov": self.trace_cov, "b_simple": self.b_simple}
+        return {prefix + k: v for k, v in values.items() if v is not None and math.isfinite(v)}
+
+    def state_dict(self) -> dict[str, Any]:
+        g2, trace, weight = self._state.tolist()
+        return {"grad_sq_norm_ema": g2, "trace_cov_ema": trace, "weight": weight}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        keys = ("grad_sq_norm_ema", "trace_cov_ema", "weight")
+        if set(state) != set(keys):
+            raise KeyError(f"GradientNoiseScale state has keys {sorted(state)}; expected {sorted(keys)}")
+        self._state = torch.tensor([float(state[k]) for k in keys], dtype=torch.float64)
+
+
+def _sq_norm(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(tensor, dtype=torch.float32).square()
+
+
+CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future[torch.Tensor]]
+
+
+class DDPNoiseScaleProbe:
+    """Records local and averaged gradient norms in a DDP communication hook.
+
+    Registering it replaces DDP's reduction by ``comm_hook`` (default: upstream's averaging
+    ``allreduce_hook``, the same result as DDP's built-in one) wrapped with the two norm records; a DDP
+    model takes one comm hook, so another hook (e.g. ``default_hooks.bf16_compress_hook``) is passed here.
+
+    The hook fires only on the backward that synchronises. Under ``no_sync()`` accumulation the bucket then
+    holds the rank's gradient accumulated over its micro-steps, so B_small = global batch / world size.
+    """
+
+    def __init__(self, ddp_model: torch.nn.parallel.DistributedDataParallel, *,
+                 process_group: dist.ProcessGroup | None = None, comm_hook: CommHook = default_hooks.allreduce_hook):
+        self.process_group = process_group
+        self.world_size = dist.get_world_size(process_group)
+        if self.world_size < 2:
+            raise ValueError("DDPNoiseScaleProbe needs at least 2 ranks; with one process use "
+                             "AccumulationNoiseScaleProbe and gradient accumulation")
+        self._comm_hook = comm_hook
+        # Lists, not running sums: with gloo the after-reduce callbacks run on the process group's threads.
+        self._local: list[torch.Tensor] = []
+        self._reduced: list[torch.Tensor] = []
+        ddp_model.register_comm_hook(self, _record_norms_hook)
+
+    def measure(self, *, global_batch_size: int) -> NoiseMeasurement:
+        """After the synchronising backward: this step's measurement, the same on every rank.
+
+        Collective: one all-reduce of a scalar. Call it on all ranks, once per optimizer step.
+        """
+        if not self._local or len(self._local) != len(self._reduced):
+            raise RuntimeError("no gradient bucket was reduced since the last measure(): call measure() once per "
+                               "optimizer step, after the backward that synchronises gradients")
+        local = torch.stack(self._local).sum()
+        reduced = torch.stack(self._reduced).sum()
+        self._local.clear()
+        self._reduced.clear()
+        local = local / self.world_size
+        dist.all_reduce(local, group=self.process_group)  # mean over ranks of |G_local|^2
+        return NoiseMeasurement(small_sq_norm=local, small_batch_size=global_batch_size // self.world_size,
+                                big_sq_norm=reduced, big_batch_size=global_batch_size)
+
+
+# No ``from __future__ import annotations`` in this module: DDP checks the hook's annotations as objects.
+def _record_norms_hook(probe: "DDPNoiseScaleProbe", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    # Before the reduction the bucket holds this rank's gradient; the inner hook divides it in place.
+    probe._local.append(_sq_norm(bucket.buffer()))
+
+    def record_reduced(fut: torch.futures.Future) -> torch.Tensor:
+        value = fut.value()
+        reduced = value[0] if isinstance(value, list) else value
+        probe._reduced.append(_sq_norm(reduced))
+        return reduced
+
+    return probe._comm_hook(probe.process_group, bucket).then(record_reduced)
+
+
+class AccumulationNoiseScaleProbe:
+    """Per-micro-batch gradients of one process, from the change of ``.grad`` across each backward.
+
+    Costs one copy of the gradients (the previous ``.grad``) and two passes over them per micro-step.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter]):
+        self.params = [p for p in params if p.requires_grad]
+        self._previous: list[torch.Tensor] | None = None
+        self._micro_sq_norms: list[torch.Tensor] = []
+
+    def after_micro_backward(self) -> None:
+        """Call right after each micro-step's ``backward()`` (grads accumulate; they are zeroed between steps)."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if self._previous is None:  # first micro-step of the optimizer step: .grad is its gradient
+            self._micro_sq_norms.append(sum((_sq_norm(g) for g in grads), torch.zeros((), device=grads[0].device)))
+            self._previous = [g.detach().clone() for g in grads]
+            return
+        if len(grads) != len(self._previous):
+            raise RuntimeError("the set of parameters with gradients changed between micro-steps")
+        total = torch.zeros((), device=grads[0].device)
+        for g, prev in zip(grads, self._previous):
+            torch.sub(g, prev, out=prev)  # prev now holds this micro-batch's share of the gradient
+            total += _sq_norm(prev)
+            prev.copy_(g)
+        self._micro_sq_norms.append(total)
+
+    def measure(self, *, micro_batch_size: int) -> NoiseMeasurement:
+        """After the last micro-step of an optimizer step (before the optimizer zeroes the grads)."""
+        steps = len(self._micro_sq_norms)
+        if steps < 2:
+            raise RuntimeError(f"{steps} micro-step(s) recorded since the last measure(); the accumulation probe "
+                               "needs >= 2 (call after_micro_backward() after each backward)")
+        big = sum((_sq_norm(p.grad) for p in self.params if p.grad is not None),
+                  torch.zeros((), device=self._micro_sq_norms[0].device))
+        # Each micro-step's .grad change is its micro-batch mean gradient divided by the accumulation steps.
+        small = torch.stack(self._micro_sq_norms).mean() * steps**2
+        self._micro_sq_norms.clear()
+        self._previous = None
+        return NoiseMeasurement(small_sq_norm=small, small_batch_size=micro_batch_size,
+                                big_sq_norm=big, big_batch_size=micro_batch_size * steps)

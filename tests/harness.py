@@ -1,0 +1,84 @@
+"""Build a real Trainer over known global batches, so runs at different world sizes see the same samples.
+
+Step s of a run consumes global batch s, whatever the world size and accumulation: rank r takes
+its contiguous share of it and splits that share into micro-batches. A single process given the
+same global batches is the reference every distributed run is compared against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from dist_train.backends.ddp import DDPBackend
+from dist_train.checkpoint import Checkpointer
+from dist_train.config import TrainConfig
+from dist_train.distributed import DistInfo
+from dist_train.optim import build_optimizer, set_hyperparams
+from dist_train.optim.config import OptimConfig
+from dist_train.tracking import NullTracker
+from dist_train.trainer import Normalise, Trainer
+
+
+def tiny_net(seed: int = 0) -> nn.Module:
+    """A small conv net without BatchNorm: BN statistics depend on how a batch is split, gradients do not."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 13 * 13, 10))
+
+
+def global_batches(n_steps: int, sizes: Sequence[int] | int, *, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    sizes = [sizes] * n_steps if isinstance(sizes, int) else list(sizes)
+    return [{"image": torch.randint(0, 256, (b, 1, 28, 28), dtype=torch.uint8, generator=g),
+             "label": torch.randint(0, 10, (b,), generator=g)} for b in sizes]
+
+
+def rank_stream(batches: list[dict], *, rank: int, world_size: int, micro: int) -> Iterator[dict]:
+    for batch in batches:
+        share = len(batch["label"]) // world_size
+        lo = rank * share
+        for i in range(lo, lo + share, micro):
+            yield {"image": batch["image"][i:i + micro], "label": batch["label"][i:i + micro],
+                   "bad_samples": torch.zeros((), dtype=torch.long)}
+
+
+class ListSchedule:
+    """A schedule that returns the given global batch size at each step (in order of samples seen)."""
+
+    def __init__(self, sizes: Sequence[int], *, lr: float = 0.05, momentum: float = 0.9):
+        self.sizes, self.lr, self.momentum = list(sizes), lr, momentum
+        self.bounds = [sum(self.sizes[:i]) for i in range(len(self.sizes) + 1)]
+
+    def state_at(self, samples_seen: int):
+        from types import SimpleNamespace
+
+        step = self.bounds.index(samples_seen)
+        return SimpleNamespace(lr=self.lr, momentum=self.momentum, global_batch_size=self.sizes[step])
+
+
+def make_trainer(rank: int, world_size: int, *, batches: list[dict], micro: int, optim: OptimConfig,
+                 model_fn: Callable[[], nn.Module] = tiny_net, shard: bool = False, run_dir: str = "",
+                 checkpoint_every_steps: int = 0) -> Trainer:
+    sizes = [len(b["label"]) for b in batches]
+    info = DistInfo(rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size,
+                    device=torch.device("cpu"))
+    backend = DDPBackend(info, micro_batch_size=micro)
+    backend.setup(model_fn(), lambda m: build_optimizer(m, optim, shard=shard))
+    cfg = TrainConfig(global_batch_size=sizes[0], micro_batch_size=micro, epochs=0, max_steps=len(batches),
+                      eval_every_epochs=0, log_every_steps=1, progress_bar=False)
+    return Trainer(
+        cfg, backend=backend, schedule=ListSchedule(sizes), set_hyperparams=set_hyperparams,
+        train_loader_fn=lambda: rank_stream(batches, rank=rank, world_size=world_size, micro=micro),
+        eval_loader_fn=lambda: iter(()), normalise=Normalise((0.5,), (0.25,), device=info.device, channels_last=False),
+        dataset_size=sum(sizes), tracker=NullTracker(),
+        checkpointer=Checkpointer(run_dir or "/nonexistent", keep_last=2, is_main=info.is_main and bool(run_dir)),
+        eval_weights=contextlib.nullcontext, max_bad_sample_fraction=0.5,
+        checkpoint_every_steps=checkpoint_every_steps,
+    )
+
+
+def params_of(trainer: Trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in trainer.backend.module.parameters()])

@@ -1,0 +1,62 @@
+"""Stand-ins for ``dist_train.train.run`` that launcher tests hand to ``TrainJob(entry=...)``.
+
+They take ``(config_path, overrides)`` like the trainer. This module is not importable on the
+compute side, so tests register it with ``cloudpickle.register_pickle_by_value`` and the
+functions travel by value inside submitit's pickles.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+def _override(overrides: list[str], key: str) -> str:
+    """The last value given for ``key``, as the trainer's config loader would resolve it."""
+    values = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key]
+    assert values, f"{key} not in {overrides}"
+    return values[-1]
+
+
+def gloo_ranks(config_path: str | None, overrides: list[str]) -> dict:
+    """Form the process group from the exported env and all-reduce the ranks; what each rank saw."""
+    import torch
+    import torch.distributed as dist
+
+    env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                      "MASTER_PORT")}
+    world_size = int(env["WORLD_SIZE"])
+    rank_sum = 0
+    if world_size > 1:
+        dist.init_process_group("gloo", rank=int(env["RANK"]), world_size=world_size)  # env:// from export()
+        total = torch.tensor([int(env["RANK"])])
+        dist.all_reduce(total)
+        rank_sum = int(total.item())
+        dist.destroy_process_group()
+    return {**env, "rank_sum": rank_sum, "config_path": config_path, "overrides": list(overrides),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID")}
+
+
+def hold_until_requeued(config_path: str | None, overrides: list[str]) -> dict:
+    """Behave like a trainer that checkpoints into ``train.run_dir`` and resumes from it.
+
+    The first attempt writes its "checkpoint" and then runs for up to two minutes, long enough to
+    be preempted; an attempt that finds the checkpoint returns at once.
+    """
+    run_dir = Path(_override(overrides, "train.run_dir"))
+    checkpoint = run_dir / "checkpoint"
+    result = {"rank": int(os.environ["RANK"]), "overrides": list(overrides),
+              "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
+    if checkpoint.exists():
+        return {**result, "resumed": True}
+    if result["rank"] == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_text(os.environ.get("SLURM_JOB_ID", "local"))
+    time.sleep(120)
+    return {**result, "resumed": False}
+
+
+def diverge(config_path: str | None, overrides: list[str]) -> dict:
+    """A run that fails, as a trainer does when the loss turns NaN."""
+    raise FloatingPointError("loss diverged at step 3")

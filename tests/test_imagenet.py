@@ -1,0 +1,236 @@
+"""ImageNet folders -> shards -> decoded tensors, on 20 real ImageNet photos.
+
+The photos come from the foolbox wheel (see fixtures_data.py); their class indices are real,
+the wnids built from them (n00000243, ...) are stand-ins with the real format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures_data import imagenet_photos, photo_class_index  # noqa: F401  (pytest fixture)
+from PIL import Image
+
+from dist_train.data import imagenet
+from dist_train.data.cli import add_make_shards_parser
+from dist_train.data.errors import BadSample
+from dist_train.data.jpeg import decode_box, eval_decoder, open_image, random_resized_crop_box, train_decoder
+from dist_train.data.shards import read_manifest, shard_paths, verify
+
+
+def _wnid(class_index: int) -> str:
+    return f"n{class_index:08d}"
+
+
+@pytest.fixture(scope="module")
+def imagenet_src(tmp_path_factory, imagenet_photos):  # noqa: F811
+    """train/<wnid>/<wnid>_<NN>.JPEG, and a flat val/ with LOC_val_solution.csv."""
+    root = tmp_path_factory.mktemp("imagenet")
+    rows = []
+    for number, photo in enumerate(imagenet_photos, start=1):
+        wnid = _wnid(photo_class_index(photo))
+        (root / "train" / wnid).mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, root / "train" / wnid / f"{wnid}_{number}.JPEG")
+        (root / "val").mkdir(exist_ok=True)
+        shutil.copy(photo, root / "val" / f"ILSVRC2012_val_{number:08d}.JPEG")
+        rows.append((f"ILSVRC2012_val_{number:08d}", f"{wnid} 10 20 300 400 {wnid} 1 2 3 4"))
+    with open(root / "LOC_val_solution.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("ImageId", "PredictionString"), *rows])
+    return root
+
+
+def _make_shards(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    add_make_shards_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["make-shards", *argv])
+    return args.func(args)
+
+
+def test_convert_verify_and_read_back_with_webdataset(imagenet_src, tmp_path):
+    import webdataset as wds
+
+    out = tmp_path / "shards"
+    assert _make_shards(["imagenet", str(imagenet_src), str(out), "--samples-per-shard", "6",
+                         "--workers", "2", "--verify", "--no-progress"]) == 0
+    manifest = read_manifest(out)
+    classes = sorted(p.name for p in (imagenet_src / "train").iterdir())
+    assert manifest["dataset"] == "imagenet" and manifest["classes"] == classes
+    assert manifest["image"] == {"encoding": "jpeg", "channels": 3}
+    originals = {"train": {p.stem: p for p in (imagenet_src / "train").rglob("*.JPEG")},
+                 "val": {p.stem: p for p in (imagenet_src / "val").glob("*.JPEG")}}
+    for split, files in originals.items():
+        entry = manifest["splits"][split]
+        assert entry["num_samples"] == len(files) == 20 and len(entry["shards"]) == 4
+        seen = set()
+        for sample in wds.WebDataset(shard_paths(out, split), shardshuffle=False, nodesplitter=None):
+            original = files[sample["__key__"]]
+            assert sample["jpg"] == original.read_bytes()  # the original bytes, not re-encoded
+            wnid = original.parent.name if split == "train" else None
+            expected = classes.index(wnid) if wnid else classes.index(_val_wnid(imagenet_src, original))
+            assert int(sample["cls"]) == expected
+            seen.add(sample["__key__"])
+        assert seen == set(files)
+
+
+def _val_wnid(src: Path, path: Path) -> str:
+    with open(src / "LOC_val_solution.csv") as f:
+        return {r["ImageId"]: r["PredictionString"].split()[0] for r in csv.DictReader(f)}[path.stem]
+
+
+def test_shard_size_target_splits_further(imagenet_src, tmp_path):
+    total = sum(p.stat().st_size for p in (imagenet_src / "train").rglob("*.JPEG"))
+    manifest = imagenet.write_imagenet_shards(
+        imagenet_src, tmp_path, splits=("train",), samples_per_shard=1000,
+        max_shard_bytes=total // 5, progress=False)
+    shards = manifest["splits"]["train"]["shards"]
+    assert len(shards) >= 5 and sum(s["num_samples"] for s in shards) == 20
+    verify(tmp_path)
+
+
+def test_ground_truth_ids_with_devkit_meta_mat(tmp_path):
+    from scipy.io import savemat
+
+    wnids = ["n02119789", "n02100735", "n01440764"]  # devkit id order is not sorted order
+    synsets = np.zeros(4, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+    for i, (wnid, children) in enumerate([*[(w, 0) for w in wnids], ("n00001740", 5)]):
+        synsets[i] = (i + 1, wnid, children)
+    savemat(tmp_path / "meta.mat", {"synsets": synsets})
+    truth = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+    truth.write_text("3\n1\n2\n3\n")
+    names = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in (1, 2, 4)]  # a subset: picked by number
+    labels = imagenet.read_val_labels(truth, names, synset_mapping=tmp_path / "meta.mat")
+    assert labels == ["n01440764", "n02119789", "n01440764"]
+
+
+def test_sorted_synset_mapping_is_refused_for_ground_truth_ids(tmp_path):
+    (tmp_path / "LOC_synset_mapping.txt").write_text("n01440764 tench\nn01443537 goldfish\n")
+    (tmp_path / "gt.txt").write_text("1\n2\n")
+    with pytest.raises(ValueError, match="not the ILSVRC2012 id order.*meta.mat"):
+        imagenet.read_val_labels(tmp_path / "gt.txt", ["a.JPEG", "b.JPEG"],
+                                 synset_mapping=tmp_path / "LOC_synset_mapping.txt")
+    with pytest.raises(FileNotFoundError, match="--synset-mapping"):
+        imagenet.read_val_labels(tmp_path / "gt.txt", ["a.JPEG", "b.JPEG"], synset_mapping=None)
+
+
+def test_other_label_file_variants(tmp_path):
+    names = ["b.JPEG", "c.JPEG"]
+    (tmp_path / "per_line.txt").write_text("n01440764\nn02119789\n")
+    assert imagenet.read_val_labels(tmp_path / "per_line.txt", names, synset_mapping=None) == \
+        ["n01440764", "n02119789"]
+    (tmp_path / "pairs.txt").write_text("c.JPEG n02119789\nb.JPEG n01440764\n")
+    assert imagenet.read_val_labels(tmp_path / "pairs.txt", names, synset_mapping=None) == \
+        ["n01440764", "n02119789"]
+    (tmp_path / "odd.txt").write_text("b.JPEG 65\n")
+    with pytest.raises(ValueError, match="cannot read"):
+        imagenet.read_val_labels(tmp_path / "odd.txt", names, synset_mapping=None)
+
+
+def test_flat_val_without_labels_is_a_clear_error(imagenet_photos, tmp_path):  # noqa: F811
+    (tmp_path / "src" / "train" / "n00000001").mkdir(parents=True)
+    shutil.copy(imagenet_photos[0], tmp_path / "src" / "train" / "n00000001" / "a.JPEG")
+    (tmp_path / "src" / "val").mkdir()
+    shutil.copy(imagenet_photos[1], tmp_path / "src" / "val" / "ILSVRC2012_val_00000001.JPEG")
+    with pytest.raises(FileNotFoundError, match="--val-labels"):
+        imagenet.write_imagenet_shards(tmp_path / "src", tmp_path / "out", progress=False)
+
+
+def test_non_jpeg_file_is_stored_as_jpeg(tmp_path, imagenet_photos):  # noqa: F811
+    fake = tmp_path / "n02105855_2933.JPEG"  # ImageNet's PNG in disguise has this name
+    Image.open(imagenet_photos[0]).save(fake, format="PNG")
+    with pytest.warns(UserWarning, match="not a JPEG"):
+        data = imagenet.read_jpeg_bytes(str(fake))
+    assert data[:3] == b"\xff\xd8\xff" and Image.open(io.BytesIO(data)).size == Image.open(fake).size
+    original = imagenet_photos[0].read_bytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert imagenet.read_jpeg_bytes(str(imagenet_photos[0])) == original
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+def test_decoders_give_uint8_chw(imagenet_photos):  # noqa: F811
+    train, evaluate = train_decoder(224, seed=0), eval_decoder(224, 256)
+    for photo in imagenet_photos:
+        data = photo.read_bytes()
+        for out in (train(data), evaluate(data)):
+            assert out.dtype == torch.uint8 and out.shape == (3, 224, 224) and out.is_contiguous()
+
+
+def test_train_decoder_is_seeded(imagenet_photos):  # noqa: F811
+    data = [p.read_bytes() for p in imagenet_photos[:5]]
+    a, b, c = train_decoder(224, seed=1), train_decoder(224, seed=1), train_decoder(224, seed=2)
+    outs_a, outs_b, outs_c = ([d(x) for x in data] for d in (a, b, c))
+    assert all(torch.equal(x, y) for x, y in zip(outs_a, outs_b))
+    assert not all(torch.equal(x, y) for x, y in zip(outs_a, outs_c))
+
+
+def test_eval_decoder_matches_torchvision_resize_center_crop(imagenet_photos):  # noqa: F811
+    import torchvision.transforms as T
+
+    reference = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
+    ours = eval_decoder(224, 256)
+    for photo in imagenet_photos:
+        expected = reference(Image.open(photo).convert("RGB")).float()
+        diff = (ours(photo.read_bytes()).float() - expected).abs().mean().item()
+        assert diff < 3.0, f"{photo.name}: mean |difference| {diff:.2f} of 255"
+
+
+def test_reduced_scale_decode_matches_full_decode_resized_crop(imagenet_photos):  # noqa: F811
+    import torchvision.transforms.functional as F
+
+    big = [p for p in imagenet_photos if Image.open(p).size[0] >= 1000]
+    assert big, "the foolbox photos include 1024x683 ones"
+    for photo in big:
+        width, height = Image.open(photo).size
+        box = (100, 50, 100 + 600, 50 + 500)  # large enough for a 1/2-scale decode
+        image = open_image(photo.read_bytes())
+        ours = torch.from_numpy(np.asarray(decode_box(image, box, 224))).permute(2, 0, 1).float()
+        assert image.size == (width // 2, math.ceil(height / 2)), "draft should decode at 1/2 scale"
+        expected = F.pil_to_tensor(F.resized_crop(Image.open(photo).convert("RGB"), 50, 100, 500, 600,
+                                                  [224, 224], antialias=True)).float()
+        assert (ours - expected).abs().mean().item() < 3.0
+
+
+def test_crop_boxes_follow_torchvision_distribution():
+    import torchvision.transforms as T
+
+    rng, width, height, draws = random.Random(0), 500, 375, 3000
+    torch.manual_seed(0)
+    ours = [random_resized_crop_box(width, height, rng, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+            for _ in range(draws)]
+    theirs = [T.RandomResizedCrop.get_params(torch.empty(3, height, width), [0.08, 1.0], [3 / 4, 4 / 3])
+              for _ in range(draws)]
+    ours_area = np.mean([(r - l) * (b - t) for l, t, r, b in ours]) / (width * height)
+    theirs_area = np.mean([h * w for _, _, h, w in theirs]) / (width * height)
+    ours_left = np.mean([l for l, _, _, _ in ours])
+    theirs_left = np.mean([j for _, j, _, _ in theirs])
+    assert abs(ours_area - theirs_area) < 0.03 and abs(ours_left - theirs_left) < 8
+    assert all(0 <= l < r <= width and 0 <= t < b <= height for l, t, r, b in ours)
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_greyscale_and_cmyk_jpegs_become_rgb(imagenet_photos, mode):  # noqa: F811
+    buffer = io.BytesIO()
+    Image.open(imagenet_photos[0]).convert(mode).save(buffer, format="JPEG")
+    for decode in (train_decoder(224, seed=0), eval_decoder(224, 256)):
+        assert decode(buffer.getvalue()).shape == (3, 224, 224)
+
+
+def test_corrupt_jpegs_raise_bad_sample(imagenet_photos):  # noqa: F811
+    data = imagenet_photos[0].read_bytes()
+    corrupt = {"truncated": data[: len(data) // 3], "garbage": bytes(range(256)) * 40, "empty": b"",
+               "header only": data[:600]}
+    for name, payload in corrupt.items():
+        for decode in (train_decoder(224, seed=0), eval_decoder(224, 256)):
+            with pytest.raises(BadSample):
+                decode(payload)

@@ -1,0 +1,157 @@
+"""The SLURM launcher on a real single-node cluster (slurmctld, slurmd, slurmdbd, munge, mariadb).
+
+Jobs go through the launcher's own code path: ``plan_jobs`` -> ``make_executor`` -> ``submit``
+-> ``follow``. ``ENTRY`` is what every task runs instead of the trainer: a probe that forms
+the gloo process group from the env ``TorchDistributedEnvironment().export()`` set. To run real
+training, set ``ENTRY = None`` (``dist_train.train.run``) and assert on the returned summaries.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from dist_train.launch import slurm
+from dist_train.launch.local import torchrun_command
+from dist_train.launch.sweep import sweep_members
+from infra import probes
+from infra.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (session fixture)
+
+# The probes module is not importable in the job; ship its functions inside the pickles.
+cloudpickle.register_pickle_by_value(probes)
+
+ENTRY = probes.gloo_ranks
+JOB_TIMEOUT_S = 90
+
+
+def _override(overrides: list[str], key: str) -> str:
+    return [o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")][-1]
+
+
+def _launch(cluster: SlurmCluster, tmp_path: Path, overrides: list[str], *, entry=ENTRY, members=(),
+            **resources) -> tuple[list, list[slurm.TrainJob]]:
+    res = slurm.SlurmResources(time_min=5, partition=cluster.partition, **resources)
+    jobs = slurm.plan_jobs(None, overrides, members=members, world_size=res.world_size, entry=entry)
+    executor = slurm.make_executor("slurm", tmp_path / "slurm" / "%j", res)
+    return slurm.submit(executor, jobs), jobs
+
+
+def _results(handle, cluster: SlurmCluster, *, timeout_s: float = JOB_TIMEOUT_S) -> list:
+    """The job's per-task results, or a failure that shows the job's and the daemons' logs."""
+    deadline = time.monotonic() + timeout_s
+    while not handle.done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"job {handle.job_id} not done after {timeout_s} s; state {handle.state}\n"
+                        f"stderr: {handle.stderr()}\n{cluster.logs()}")
+        time.sleep(0.5)
+    return handle.results()
+
+
+def _final_state(cluster: SlurmCluster, job_id: str, *, timeout_s: float = 30) -> str:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = cluster.cli("sacct", "--noheader", "--parsable2", "--format=State", "-X", "-j", job_id).strip()
+        if state not in ("PENDING", "RUNNING", "REQUEUED", "COMPLETING", "") or time.monotonic() > deadline:
+            return state
+        time.sleep(0.3)
+
+
+@pytest.mark.slurm
+def test_two_task_cpu_job_forms_a_process_group(slurm_cluster, tmp_path):
+    handles, _ = _launch(slurm_cluster, tmp_path, [f"train.run_dir={tmp_path / 'run'}"], tasks_per_node=2)
+    results = _results(handles[0], slurm_cluster)
+    assert sorted(int(r["RANK"]) for r in results) == [0, 1]
+    assert {(r["WORLD_SIZE"], r["LOCAL_WORLD_SIZE"], r["MASTER_PORT"]) for r in results} == {
+        ("2", "2", results[0]["MASTER_PORT"])}
+    assert [r["rank_sum"] for r in results] == [1, 1]  # the all-reduce went through gloo
+    out = io.StringIO()
+    assert slurm.follow(handles, poll_s=0.2, out=out) == 0, out.getvalue()
+    # The result file lands just before the job step ends; accounting follows within a moment.
+    assert _final_state(slurm_cluster, handles[0].job_id) == "COMPLETED"
+
+
+@pytest.mark.slurm
+def test_preempted_job_is_requeued_and_resumes(slurm_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    handles, _ = _launch(slurm_cluster, tmp_path, [f"train.run_dir={run_dir}", "checkpoint.resume=false"],
+                         entry=probes.hold_until_requeued, tasks_per_node=2)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (run_dir / "checkpoint").exists():
+        assert time.monotonic() < deadline, f"first attempt never started:\n{slurm_cluster.logs()}"
+        time.sleep(0.2)
+    # What SLURM sends signal_delay_s before a time limit, and what a preempting scheduler sends.
+    slurm_cluster.cli("scancel", "--signal=USR2", handles[0].job_id)
+    results = _results(handles[0], slurm_cluster)
+    assert [r["resumed"] for r in results] == [True, True]
+    assert {r["restart_count"] for r in results} == {1}
+    # Requeued with the same overrides, forced to resume despite checkpoint.resume=false.
+    assert results[0]["overrides"][-1] == slurm.RESUME_OVERRIDE
+    assert results[0]["overrides"][:2] == [f"train.run_dir={run_dir}", "checkpoint.resume=false"]
+
+
+@pytest.mark.slurm
+def test_sweep_runs_as_one_job_array(slurm_cluster, tmp_path):
+    members = sweep_members(grid=["optim.lr=0.1,0.2,0.4"])
+    handles, _ = _launch(slurm_cluster, tmp_path, [f"train.run_dir={tmp_path / 'sweep'}"], members=members)
+    assert len({h.job_id.split("_")[0] for h in handles}) == 1, [h.job_id for h in handles]
+    results = [_results(h, slurm_cluster)[0] for h in handles]
+    assert sorted(r["slurm_array_task_id"] for r in results) == ["0", "1", "2"]
+    assert [_override(r["overrides"], "optim.lr") for r in results] == ["0.1", "0.2", "0.4"]
+    run_dirs = {_override(r["overrides"], "train.run_dir") for r in results}
+    assert len(run_dirs) == 3 and all(Path(d).parent == tmp_path / "sweep" for d in run_dirs)
+    assert slurm.follow(handles, poll_s=0.2, out=io.StringIO()) == 0
+
+
+@pytest.mark.slurm
+def test_follow_reports_a_failed_job(slurm_cluster, tmp_path):
+    handles, _ = _launch(slurm_cluster, tmp_path, [], entry=probes.diverge)
+    out = io.StringIO()
+    assert slurm.follow(handles, poll_s=0.2, out=out) == 1
+    assert "FAILED" in out.getvalue() and "loss diverged at step 3" in out.getvalue()
+
+
+# --- no cluster needed ---------------------------------------------------------------------------
+
+
+def test_local_executor_runs_two_ranks_without_slurm(tmp_path):
+    res = slurm.SlurmResources(tasks_per_node=2, time_min=5)
+    jobs = slurm.plan_jobs(None, [], world_size=res.world_size, entry=ENTRY)
+    handles = slurm.submit(slurm.make_executor("local", tmp_path / "%j", res), jobs)
+    results = handles[0].results()
+    assert sorted(int(r["RANK"]) for r in results) == [0, 1] and results[0]["rank_sum"] == 1
+
+
+def test_plan_checks_every_member_before_submitting():
+    with pytest.raises(ValueError, match="optim.lrr"):
+        slurm.plan_jobs(None, [], members=sweep_members(grid=["optim.lrr=0.1,0.2"]), world_size=1)
+    with pytest.raises(ValueError, match="not divisible"):
+        slurm.plan_jobs(None, ["train.global_batch_size=256", "train.micro_batch_size=128"], world_size=3)
+    with pytest.raises(ValueError, match="one task per GPU"):
+        slurm.SlurmResources(gpus_per_node=8, tasks_per_node=2)
+
+
+def test_sweep_grid_is_a_product_and_members_get_their_own_outputs():
+    members = sweep_members(grid=["optim.lr=0.1,0.2", "train.seed=0,1"])
+    assert [m.overrides for m in members] == [("optim.lr=0.1", "train.seed=0"), ("optim.lr=0.1", "train.seed=1"),
+                                              ("optim.lr=0.2", "train.seed=0"), ("optim.lr=0.2", "train.seed=1")]
+    sets = sweep_members(override_sets=["optim.lr=0.1 train.global_batch_size=512", "optim.lr=0.2"])
+    assert [m.overrides for m in sets] == [("optim.lr=0.1", "train.global_batch_size=512"), ("optim.lr=0.2",)]
+    jobs = slurm.plan_jobs(None, ["train.run_dir=runs/lr"], members=sets, world_size=1)
+    assert {_override(list(j.overrides), "train.run_dir") for j in jobs} == {
+        f"runs/lr/{m.tag}" for m in sets}
+    with pytest.raises(ValueError, match="not both"):
+        sweep_members(grid=["optim.lr=0.1"], override_sets=["optim.lr=0.2"])
+
+
+def test_torchrun_command_single_and_multi_node():
+    single = torchrun_command("configs/x.yaml", ["optim.lr=0.1"], nproc_per_node=2)
+    assert single[1:] == ["-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "-m",
+                          "dist_train.cli", "train", "configs/x.yaml", "optim.lr=0.1"]
+    multi = torchrun_command(None, [], nproc_per_node=8, nnodes=4, rdzv_endpoint="node0:29400")
+    assert "--rdzv-backend=c10d" in multi and "--rdzv-endpoint=node0:29400" in multi and "--nnodes=4" in multi
+    with pytest.raises(ValueError, match="rdzv-endpoint"):
+        torchrun_command(None, [], nproc_per_node=8, nnodes=4)

@@ -49,13 +49,15 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
                         width=cfg.model.width)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    backend = build_backend(cfg.backend.name, info, micro_batch_size=cfg.train.micro_batch_size)
+    backend = build_backend(cfg.backend.name, info, micro_batch_size=cfg.train.micro_batch_size,
+                            **cfg.backend.options(cfg.train))
     backend.setup(model, lambda m: build_optimizer(m, cfg.optim, shard=cfg.backend.shard_optimizer_state))
     schedule = Schedule(cfg.schedule, base_lr=cfg.optim.lr, base_momentum=cfg.optim.momentum,
                         base_global_batch_size=cfg.train.global_batch_size, dataset_size=dataset_size,
                         optimizer_family=optimizer_family(cfg.optim.name),
                         batch_granularity=cfg.train.micro_batch_size * info.world_size)
 
+    noise, controller = _noise_scale(cfg, backend, schedule, info)
     run_dir = Path(cfg.train.run_dir)
     checkpointer = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                 is_main=info.is_main)
@@ -73,7 +75,7 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
         dataset_size=dataset_size, tracker=None, checkpointer=checkpointer,
         eval_weights=lambda: slow_weights(backend.optimizer),
         max_bad_sample_fraction=cfg.data.max_bad_sample_fraction,
-        checkpoint_every_steps=cfg.checkpoint.every_steps,
+        checkpoint_every_steps=cfg.checkpoint.every_steps, noise=noise, batch_controller=controller,
     )
     run_id = _resume(trainer, cfg, checkpointer, run_dir)
     trainer.tracker = _start_tracking(cfg, info, run_dir, run_id)
@@ -90,6 +92,24 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
         trainer.tracker.log_metrics({f"final/{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
                                     step=trainer.progress.step)
     return summary
+
+
+def _noise_scale(cfg: Config, backend: Any, schedule: Any, info: Any) -> tuple[Any, Any]:
+    """The gradient-noise-scale estimator and, in adaptive mode, the batch controller it drives."""
+    adaptive = cfg.schedule.mode == "adaptive"
+    if not (cfg.schedule.noise_scale.enabled or adaptive):
+        return None, None
+    from dist_train.noise_scale import GradientNoiseScale
+    from dist_train.schedule import BatchSizeController
+
+    backend.enable_noise_scale()
+    noise = GradientNoiseScale(ema_decay=cfg.schedule.noise_scale.ema_decay)
+    if not adaptive:
+        return noise, None
+    controller = BatchSizeController(cfg.schedule.adaptive, start_global_batch_size=schedule.start_global_batch_size,
+                                     max_global_batch_size=cfg.schedule.max_global_batch_size,
+                                     batch_granularity=cfg.train.micro_batch_size * info.world_size)
+    return noise, controller
 
 
 def _resume(trainer: Any, cfg: Config, checkpointer: Any, run_dir: Path) -> str | None:

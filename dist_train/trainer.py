@@ -61,7 +61,7 @@ class Trainer:
                  train_loader_fn: Callable[[], Iterable[dict]], eval_loader_fn: Callable[[], Iterable[dict]],
                  normalise: Normalise, dataset_size: int, tracker: Tracker, checkpointer: Checkpointer,
                  eval_weights: Callable[[], Any], max_bad_sample_fraction: float, checkpoint_every_steps: int = 0,
-                 on_step: Callable[["Trainer", dict[str, float]], None] | None = None):
+                 noise: Any = None, batch_controller: Any = None):
         self.cfg = cfg
         self.backend = backend
         self.schedule = schedule
@@ -75,7 +75,10 @@ class Trainer:
         self.eval_weights = eval_weights
         self.max_bad_sample_fraction = max_bad_sample_fraction
         self.checkpoint_every_steps = checkpoint_every_steps
-        self.on_step = on_step
+        self.noise = noise
+        """GradientNoiseScale fed by the backend's measurement each step, or None."""
+        self.batch_controller = batch_controller
+        """BatchSizeController of the adaptive mode (needs ``noise``), or None."""
         self.progress = Progress()
         self.total_samples = self._total_samples()
         self._stream: Iterator[dict] | None = None
@@ -84,13 +87,20 @@ class Trainer:
 
     # --- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend.state_dict(), "progress": self.progress.state_dict(),
-                "torch_rng": torch.get_rng_state()}
+        state = {"backend": self.backend.state_dict(), "progress": self.progress.state_dict(),
+                 "torch_rng": torch.get_rng_state()}
+        for name in ("noise", "batch_controller"):
+            if getattr(self, name) is not None:
+                state[name] = getattr(self, name).state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.backend.load_state_dict(state["backend"])
         self.progress.load_state_dict(state["progress"])
         torch.set_rng_state(state["torch_rng"])
+        for name in ("noise", "batch_controller"):
+            if getattr(self, name) is not None:
+                getattr(self, name).load_state_dict(state[name])
         self._stream = None  # re-created at the saved data position on next use
 
     def save_checkpoint(self) -> None:
@@ -125,8 +135,10 @@ class Trainer:
         last_eval: dict[str, float] = {}
         tic, samples_at_tic = time.perf_counter(), self.progress.samples_seen
         while not self._done():
-            state = self.schedule.state_at(self.progress.samples_seen)
+            state = self._schedule_state()
             self.train_step(state)
+            if self.batch_controller is not None:
+                self.batch_controller.update(step=self.progress.step, b_simple=self.noise.b_simple)
             if self.progress.step % self.cfg.log_every_steps == 0 or self._done():
                 elapsed = time.perf_counter() - tic
                 metrics = self._log_train(state, (self.progress.samples_seen - samples_at_tic) / max(elapsed, 1e-9))
@@ -147,6 +159,12 @@ class Trainer:
         return {**last_eval, "step": self.progress.step, "samples_seen": self.progress.samples_seen,
                 "epoch": self._epoch()}
 
+    def _schedule_state(self) -> Any:
+        if self.batch_controller is None:
+            return self.schedule.state_at(self.progress.samples_seen)
+        return self.schedule.state_at(self.progress.samples_seen,
+                                      global_batch_size=self.batch_controller.global_batch_size)
+
     def train_step(self, state: Any) -> None:
         """One optimizer step at the schedule's ``state``: exactly ``state.global_batch_size`` samples."""
         backend = self.backend
@@ -161,6 +179,10 @@ class Trainer:
                 loss = F.cross_entropy(logits, labels)
                 backend.backward(loss / accum_steps)
             self._window.add(loss.detach(), logits.detach(), labels, batch["bad_samples"])
+        if self.noise is not None:
+            measurement = backend.noise_measurement()  # before the step: it reads the gradients
+            if measurement is not None:
+                self.noise.update(measurement)
         grad_norm = backend.optimizer_step(grad_clip_norm=self.cfg.grad_clip_norm)
         self._window.grad_norm = grad_norm
         self.progress.step += 1
@@ -191,8 +213,8 @@ class Trainer:
                    "momentum": state.momentum, "samples_seen": self.progress.samples_seen, "epoch": self._epoch(),
                    "throughput/samples_per_s": samples_per_s, "data/bad_samples": self.progress.bad_samples}
         metrics.update(self.schedule_metrics(state))
-        if self.on_step is not None:
-            self.on_step(self, metrics)
+        if self.noise is not None:
+            metrics.update(self.noise.metrics())
         self.history.append({"step": self.progress.step, **metrics})
         self.tracker.log_metrics(metrics, step=self.progress.step)
         return metrics

@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from dist_train.backends.ddp import DDPBackend
+from dist_train.backends import build_backend
 from dist_train.checkpoint import Checkpointer
 from dist_train.config import TrainConfig
 from dist_train.distributed import DistInfo
@@ -61,16 +61,18 @@ class ListSchedule:
 
 def make_trainer(rank: int, world_size: int, *, batches: list[dict], micro: int, optim: OptimConfig,
                  model_fn: Callable[[], nn.Module] = tiny_net, shard: bool = False, run_dir: str = "",
-                 checkpoint_every_steps: int = 0) -> Trainer:
+                 checkpoint_every_steps: int = 0, backend: str = "ddp",
+                 backend_options: dict | None = None, schedule=None) -> Trainer:
+    """A Trainer over ``batches``; ``schedule`` defaults to one that follows the batches' sizes."""
     sizes = [len(b["label"]) for b in batches]
     info = DistInfo(rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size,
                     device=torch.device("cpu"))
-    backend = DDPBackend(info, micro_batch_size=micro)
+    backend = build_backend(backend, info, micro_batch_size=micro, **(backend_options or {}))
     backend.setup(model_fn(), lambda m: build_optimizer(m, optim, shard=shard))
     cfg = TrainConfig(global_batch_size=sizes[0], micro_batch_size=micro, epochs=0, max_steps=len(batches),
                       eval_every_epochs=0, log_every_steps=1, progress_bar=False)
     return Trainer(
-        cfg, backend=backend, schedule=ListSchedule(sizes), set_hyperparams=set_hyperparams,
+        cfg, backend=backend, schedule=schedule or ListSchedule(sizes), set_hyperparams=set_hyperparams,
         train_loader_fn=lambda: rank_stream(batches, rank=rank, world_size=world_size, micro=micro),
         eval_loader_fn=lambda: iter(()), normalise=Normalise((0.5,), (0.25,), device=info.device, channels_last=False),
         dataset_size=sum(sizes), tracker=NullTracker(),

@@ -44,7 +44,7 @@ def test_partition_tiles_every_parameter_once_with_even_shards():
                     covered[pc.param_index][e] += 1
         assert all(c == 1 for row in covered for c in row)
         sizes = [sum(pc.stop - pc.start for pc in pieces) for pieces in layout]
-        assert sum(sizes) == sum(numels) and max(sizes) - min(sizes) < max(world_size, shard_numel * (sum(numels) == 0) + 1)
+        assert sum(sizes) == sum(numels) and max(sizes) - min(sizes) < world_size
 
 
 def test_flat_follows_memory_order():
@@ -109,7 +109,7 @@ def _sharded_rank(rank: int, world_size: int, reference_checkpoints: bytes) -> b
         opt = build_optimizer(model, cfg, shard=True)
         assert isinstance(opt, ShardedOptimizer)
         _train(model, ddp, opt, cfg, range(CHECKPOINT_STEP), rank=rank, world_size=world_size)
-        checkpoint = {"model": model.state_dict(), "optim": opt.state_dict()}  # collective
+        checkpoint = _from_bytes(_to_bytes({"model": model.state_dict(), "optim": opt.state_dict()}))  # collective
         _train(model, ddp, opt, cfg, range(CHECKPOINT_STEP, STEPS), rank=rank, world_size=world_size)
         with slow_weights(opt):  # collective
             slow = _params(model)

@@ -70,6 +70,16 @@ class Backend(abc.ABC):
     def optimizer_step(self, *, grad_clip_norm: float = 0.0) -> torch.Tensor:
         """Step the optimizer on the synced gradients, zero them, and return the global gradient norm."""
 
+    # --- gradient noise scale ------------------------------------------------------------------
+    def enable_noise_scale(self) -> None:
+        """Start measuring |G_small|^2 and |G_big|^2 each step (THEORY section 2). Call after ``setup``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot measure the gradient noise scale")
+
+    def noise_measurement(self) -> Any:
+        """This step's ``NoiseMeasurement`` after the synced backward and before ``optimizer_step``;
+        None when not enabled or not measurable this step (one process without accumulation)."""
+        return None
+
     # --- collectives -------------------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
         if self.info.is_distributed:

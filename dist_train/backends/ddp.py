@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_train.backends.base import Backend, OptimizerFactory, _nothing
+from dist_train.noise_scale import AccumulationNoiseScaleProbe, DDPNoiseScaleProbe, NoiseMeasurement
 
 
 class DDPBackend(Backend):
@@ -24,6 +25,7 @@ class DDPBackend(Backend):
         else:
             self._model = self._module
         self._optimizer = make_optimizer(self._module)
+        self._probe: Any = None
 
     @property
     def model(self) -> nn.Module:
@@ -46,6 +48,23 @@ class DDPBackend(Backend):
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+        if isinstance(self._probe, AccumulationNoiseScaleProbe) and self.accum_steps > 1:
+            self._probe.after_micro_backward()
+
+    def enable_noise_scale(self) -> None:
+        # Across ranks, a comm hook sees each rank's gradient before the all-reduce (B_small = B / world);
+        # in one process, the micro-batches of an accumulated step are the small batches.
+        if isinstance(self._model, DistributedDataParallel):
+            self._probe = DDPNoiseScaleProbe(self._model)
+        else:
+            self._probe = AccumulationNoiseScaleProbe(self._module.parameters())
+
+    def noise_measurement(self) -> NoiseMeasurement | None:
+        if isinstance(self._probe, DDPNoiseScaleProbe):
+            return self._probe.measure(global_batch_size=self.global_batch_size)
+        if isinstance(self._probe, AccumulationNoiseScaleProbe) and self.accum_steps > 1:
+            return self._probe.measure(micro_batch_size=self.micro_batch_size)
+        return None
 
     def optimizer_step(self, *, grad_clip_norm: float = 0.0) -> torch.Tensor:
         params = [p for p in self._module.parameters() if p.grad is not None]

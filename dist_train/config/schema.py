@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from dist_train.optim.config import OptimConfig
 from dist_train.schedule.config import ScheduleConfig
@@ -65,7 +66,7 @@ class TrainConfig:
     """This run's outputs: the resolved config, ``summary.json`` and, unless set elsewhere, checkpoints."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` picks CUDA when available (one GPU per local rank), else CPU."""
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype for the forward pass."""
     grad_clip_norm: float = 0.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
@@ -95,6 +96,35 @@ class BackendConfig:
     """Distributed backend: PyTorch DDP (NCCL on GPU, gloo on CPU) or DeepSpeed ZeRO."""
     shard_optimizer_state: bool = False
     """DDP only: shard optimizer state across ranks (ZeRO-1); each rank keeps only its share."""
+    zero_stage: int = 1
+    """DeepSpeed only: ZeRO stage. 0 replicates everything like DDP, 1 shards the optimizer state (and
+    Lookahead's slow weights), 2 also shards the gradients."""
+    deepspeed_config: str = ""
+    """DeepSpeed only: a JSON file whose keys override the DeepSpeed config generated from this config
+    (e.g. ``{"zero_optimization": {"reduce_bucket_size": 5e7}}``). Keys that other settings own (batch
+    sizes, precision, clipping, optimizer, scheduler, ZeRO stage) are refused with the setting to use."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"backend.zero_stage={self.zero_stage} is not supported; use 0, 1 or 2")
+        if self.name != "deepspeed" and self.deepspeed_config:
+            raise ValueError(f"backend.deepspeed_config is set but backend.name={self.name!r}; set "
+                             "backend.name=deepspeed or remove it")
+        if self.name == "deepspeed" and self.shard_optimizer_state:
+            raise ValueError("backend.shard_optimizer_state is for DDP; with DeepSpeed set backend.zero_stage=1 "
+                             "(or 2) instead")
+        if self.deepspeed_config and not Path(self.deepspeed_config).is_file():
+            raise ValueError(f"backend.deepspeed_config={self.deepspeed_config!r} is not a file")
+
+    def options(self, train: TrainConfig) -> dict[str, Any]:
+        """Keyword options of ``build_backend`` for this backend; an error for settings it cannot honour."""
+        if self.name == "deepspeed":
+            return {"zero_stage": self.zero_stage, "precision": train.precision,
+                    "grad_clip_norm": train.grad_clip_norm, "config_file": self.deepspeed_config}
+        if train.precision == "fp16":
+            raise ValueError("train.precision=fp16 needs loss scaling, which only backend.name=deepspeed "
+                             "provides; use bf16 or the deepspeed backend")
+        return {}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,22 +164,24 @@ def describe(handles: Sequence[Any], jobs: Sequence[TrainJob], *, out: TextIO = 
 
 def follow(handles: Sequence[Any], *, poll_s: float = 5.0, out: TextIO = sys.stdout) -> int:
     """Wait for every job, echoing state changes (and rank 0's log for a single job); 1 if any failed."""
-    tail = _LogTail(handles[0].paths.stdout, out) if len(handles) == 1 else None
+    # Rank 0's stdout and stderr (where logging goes) for a single job; states only for arrays.
+    single = len(handles) == 1
+    tails = [_LogTail(handles[0].paths.stdout, out), _LogTail(handles[0].paths.stderr, out)] if single else []
     states: dict[str, str] = {}
     pending = list(handles)
     while pending:
         for handle in list(pending):
             state = handle.state
-            if states.get(handle.job_id) != state:
+            if states.get(handle.job_id) != state and state != "UNKNOWN":  # UNKNOWN: not in sacct yet
                 states[handle.job_id] = state
                 print(f"job {handle.job_id}: {state}", file=out, flush=True)
             if handle.done():
                 pending.remove(handle)
-        if tail:
+        for tail in tails:
             tail.poll()
         if pending:
             time.sleep(poll_s)
-    if tail:
+    for tail in tails:
         tail.poll()
     return _report(handles, out)
 
@@ -190,9 +193,8 @@ def _report(handles: Sequence[Any], out: TextIO) -> int:
             handle.results()
             print(f"job {handle.job_id}: done", file=out)
         except Exception as err:  # the job's own exception, re-raised here by submitit
-            failed += 1
-            last_line = (str(err).strip().splitlines() or [type(err).__name__])[-1]
-            print(f"job {handle.job_id}: FAILED: {last_line}\n  see {handle.paths.stderr}", file=out)
+            failed += 1  # submitit's message carries the task's traceback and its log paths
+            print(f"job {handle.job_id}: FAILED\n{textwrap.indent(str(err).strip(), '  ')}", file=out)
     return 1 if failed else 0
 
 

@@ -19,8 +19,8 @@ def set_hyperparams(optimizer: Optimizer, *, lr: float, momentum: float) -> None
     buffer ``d = beta d + (1 - beta) g``. Works through Lookahead (shared groups) and the sharded optimizer
     (its groups reach the local optimizer at the next step).
     """
-    if not 0.0 <= momentum < 1.0 or lr <= 0:
-        raise ValueError(f"set_hyperparams needs lr > 0 and momentum in [0, 1); got lr={lr}, momentum={momentum}")
+    if not 0.0 <= momentum < 1.0 or lr < 0:  # lr = 0 is legal: warmup may start there
+        raise ValueError(f"set_hyperparams needs lr >= 0 and momentum in [0, 1); got lr={lr}, momentum={momentum}")
     for group in optimizer.param_groups:
         group["lr"] = lr
         if "betas" in group:

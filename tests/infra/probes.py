@@ -35,7 +35,7 @@ def gloo_ranks(config_path: str | None, overrides: list[str]) -> dict:
         rank_sum = int(total.item())
         dist.destroy_process_group()
     return {**env, "rank_sum": rank_sum, "config_path": config_path, "overrides": list(overrides),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID")}
+            "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID")}
 
 
 def hold_until_requeued(config_path: str | None, overrides: list[str]) -> dict:

@@ -148,7 +148,8 @@ class SlurmCluster:
 
     def _write_configs(self) -> None:
         r = self.root
-        auth = ["AuthType=auth/munge", f"AuthInfo=socket={self.munge_socket}"]
+        # cred_expire also sets how long a requeued job waits before it may start again (default 120 s).
+        auth = ["AuthType=auth/munge", f"AuthInfo=socket={self.munge_socket},cred_expire=10"]
         dbd = [
             *auth, f"DbdHost={self.hostname}", "DbdAddr=127.0.0.1", f"DbdPort={self.ports['slurmdbd']}",
             "SlurmUser=root", f"PidFile={r}/run/slurmdbd.pid", f"LogFile={r}/log/slurmdbd.log",

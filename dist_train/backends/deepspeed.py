@@ -1,0 +1,360 @@
+"""DeepSpeed ZeRO (stages 0, 1, 2) behind the same interface as DDP. deepspeed is imported only here.
+
+How the trainer's step maps onto the engine (docs/deepspeed.md has the long form):
+
+- ``set_global_batch_size(B)`` calls ``engine.set_train_batch_size(B)``: the micro-batch stays fixed and
+  DeepSpeed's gradient-accumulation steps become ``B / (micro x world)``, the trainer's ``accum_steps``.
+- ``grad_sync(last)`` sets the engine's accumulation boundary explicitly, so "the last micro-batch" is
+  the trainer's decision and not DeepSpeed's micro-step counter. ZeRO-0/1 reduce gradients only in the
+  boundary backward; ZeRO-2 reduce-scatters every micro-batch into the gradient partitions (that is what
+  lets it keep only a partition) and finalises them at the boundary.
+- ``backward(loss)`` is ``engine.backward(loss, scale_wrt_gas=False)``: the trainer has already divided
+  the loss by the accumulation steps, and DeepSpeed would divide by them again. Each rank's accumulated
+  gradient is then the mean over its B / world samples; DeepSpeed averages over ranks, so the step sees
+  the mean over the global batch: the gradient DDP produces.
+- ``optimizer_step`` is one ``engine.step()`` at the boundary: clipping, the step, the all-gather of
+  updated weights and zeroing of gradients all happen inside it.
+
+The optimizer is ours (``build_optimizer``), given to DeepSpeed as a client optimizer. ZeRO rewrites its
+parameter groups in place to hold this rank's flat fp32 partition, so the group dicts the schedule sets
+(``set_hyperparams``) are the ones DeepSpeed steps, and Lookahead (which shares the groups and state of
+its inner optimizer) keeps its slow weights per partition, inside the optimizer state DeepSpeed saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist_train.backends.base import Backend, OptimizerFactory
+from dist_train.distributed import DistInfo
+from dist_train.noise_scale import NoiseMeasurement
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+CLIENT_STATE_KEY = "dist_train"
+"""The trainer's client_state is stored under this one key of DeepSpeed's model-states file."""
+OWNED_KEYS = {
+    "train_batch_size": "train.global_batch_size (the schedule sets it every step)",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size (accumulation follows from it)",
+    "gradient_clipping": "train.grad_clip_norm",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "optimizer": "optim (the optimizer comes from dist_train.optim)",
+    "scheduler": "schedule (the schedule sets lr and momentum every step)",
+}
+"""Keys of the generated config that the typed config owns, with the setting to change instead."""
+
+
+def deepspeed_config(*, micro_batch_size: int, world_size: int, zero_stage: int, precision: str,
+                     grad_clip_norm: float, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for these settings, with ``overrides`` (from a JSON file) merged in."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,  # set_global_batch_size changes it every step
+        "train_batch_size": micro_batch_size * world_size,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},  # 0: dynamic
+        "gradient_clipping": grad_clip_norm,
+        # Our optimizers (RAdam, Lookahead, QHM) are plain torch optimizers DeepSpeed has not listed.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": None,
+        "wall_clock_breakdown": False,
+    }
+    for key, value in (overrides or {}).items():
+        if key in OWNED_KEYS:
+            raise ValueError(f"backend.deepspeed_config sets {key!r}, which dist_train derives from "
+                             f"{OWNED_KEYS[key]}; remove it from the JSON file and set that instead")
+        if key == "zero_optimization" and isinstance(value, dict):
+            if value.get("stage", zero_stage) != zero_stage:
+                raise ValueError(f"backend.deepspeed_config sets zero_optimization.stage={value['stage']}; "
+                                 "set backend.zero_stage instead")
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def read_overrides(path: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (backend.deepspeed_config); a clear error if it is not one."""
+    try:
+        overrides = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"backend.deepspeed_config={path!r} cannot be read as JSON: {err}") from None
+    if not isinstance(overrides, dict):
+        raise ValueError(f"backend.deepspeed_config={path!r} must hold a JSON object of DeepSpeed config keys")
+    return overrides
+
+
+class DeepSpeedBackend(Backend):
+    def __init__(self, info: DistInfo, *, micro_batch_size: int, zero_stage: int = 1, precision: str = "fp32",
+                 grad_clip_norm: float = 0.0, config_file: str = ""):
+        super().__init__(info, micro_batch_size=micro_batch_size)
+        if zero_stage not in (0, 1, 2):
+            raise ValueError(f"backend.zero_stage={zero_stage} is not supported; use 0, 1 or 2")
+        if precision not in PRECISIONS:
+            raise ValueError(f"train.precision={precision!r} is not one of {PRECISIONS}")
+        if precision == "fp16" and info.device.type != "cuda":
+            raise ValueError("train.precision=fp16 needs a CUDA GPU (DeepSpeed refuses fp16 on CPU); "
+                             "use train.precision=bf16 or fp32 on CPU")
+        self.zero_stage = zero_stage
+        self.precision = precision
+        self.grad_clip_norm = grad_clip_norm
+        self.config = deepspeed_config(micro_batch_size=micro_batch_size, world_size=info.world_size,
+                                       zero_stage=zero_stage, precision=precision, grad_clip_norm=grad_clip_norm,
+                                       overrides=read_overrides(config_file) if config_file else None)
+        self._noise: _MicroBatchGradSqNorms | None = None
+
+    # --- set-up -------------------------------------------------------------------------------
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator().device_name()
+        if accelerator != self.info.device.type:
+            raise ValueError(f"DeepSpeed picked its {accelerator!r} accelerator but this run uses "
+                             f"{self.info.device}; set DS_ACCELERATOR={self.info.device.type} (or train.device)")
+        _ensure_process_group(self.info)
+        module = model.to(self.info.device)
+        self._client_optimizer = make_optimizer(module)
+        # dist_init_required=False: the process group exists (torchrun/SLURM via dist_train.distributed,
+        # or the one-rank group above); DeepSpeed wraps it instead of starting its own.
+        self._engine, _, _, _ = deepspeed.initialize(model=module, optimizer=self._client_optimizer,
+                                                     config=self.config, dist_init_required=False)
+        if self.precision != "fp32":
+            _cast_at_the_boundary(self._engine.module, dtype=torch.bfloat16 if self.precision == "bf16"
+                                  else torch.float16)
+
+    @property
+    def model(self) -> nn.Module:
+        return self._engine
+
+    @property
+    def module(self) -> nn.Module:
+        return self._engine.module
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        # The client optimizer, not DeepSpeed's wrapper: its param_groups are the ones DeepSpeed steps.
+        return self._client_optimizer
+
+    @property
+    def engine(self) -> Any:
+        """The ``deepspeed.DeepSpeedEngine``, for what the interface does not cover."""
+        return self._engine
+
+    # --- one step ----------------------------------------------------------------------------
+    def set_global_batch_size(self, global_batch_size: int) -> int:
+        accum_steps = super().set_global_batch_size(global_batch_size)  # the clear error if B does not divide
+        self._engine.set_train_batch_size(global_batch_size)
+        return accum_steps
+
+    def grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
+        return self._boundary(enabled)
+
+    @contextlib.contextmanager
+    def _boundary(self, enabled: bool) -> Iterator[None]:
+        self._engine.set_gradient_accumulation_boundary(enabled)
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loss is already divided by the accumulation steps: DeepSpeed must not divide again.
+        self._engine.backward(loss, scale_wrt_gas=False)
+        if self._noise is not None:
+            self._noise.micro_steps += 1
+
+    def optimizer_step(self, *, grad_clip_norm: float = 0.0) -> torch.Tensor:
+        if grad_clip_norm != self.grad_clip_norm:
+            raise ValueError(f"DeepSpeed clips at the gradient_clipping set when the engine was built "
+                             f"({self.grad_clip_norm}), not {grad_clip_norm}; build the backend with "
+                             f"grad_clip_norm={grad_clip_norm}")
+        if not self._engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("optimizer_step() needs the last backward to run inside grad_sync(True); "
+                               "DeepSpeed would skip the step")
+        norm = self._replicated_grad_norm() if self._steps_module_directly() else None
+        self._engine.step()
+        if norm is None:
+            norm = self._engine.get_global_grad_norm()  # before clipping, of the averaged gradient
+        return torch.as_tensor(norm, dtype=torch.float32).detach()
+
+    def _steps_module_directly(self) -> bool:
+        """ZeRO-0 in fp32: DeepSpeed steps our optimizer on the module's parameters and records no norm."""
+        return self._engine.optimizer is self._client_optimizer
+
+    def _replicated_grad_norm(self) -> torch.Tensor:
+        grads = [p.grad for p in self._engine.module.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads)
+
+    # --- gradient noise scale ------------------------------------------------------------------
+    def enable_noise_scale(self) -> None:
+        """Measure per micro-batch: B_small is the micro-batch, |G_small|^2 the mean over ranks and
+        micro-steps of each micro-batch's local gradient norm, read in tensor hooks on the parameters.
+
+        Tensor hooks fire with a parameter's gradient of one backward before it is accumulated into
+        ``.grad`` and before any DeepSpeed hook reduces it, so this is exact under ZeRO-2 as well, where
+        no rank ever holds its whole local gradient of the step. |G_big|^2 is the averaged gradient's
+        squared norm, which ZeRO computes from its partitions (the norm it also clips with).
+        """
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        if not (self._steps_module_directly() or isinstance(self._engine.optimizer, DeepSpeedZeroOptimizer)):
+            raise ValueError(f"the noise-scale measurement needs DeepSpeed's ZeRO optimizer or fp32 ZeRO-0; "
+                             f"zero_stage={self.zero_stage} with train.precision={self.precision} uses "
+                             f"{type(self._engine.optimizer).__name__}: use zero_stage=2 with bf16/fp16")
+        self._noise = _MicroBatchGradSqNorms(self._engine.module.parameters())
+
+    def noise_measurement(self) -> NoiseMeasurement | None:
+        if self._noise is None:
+            return None
+        micro_mean = self._noise.pop_mean()
+        if self.info.world_size * self.accum_steps < 2:
+            return None
+        scale = self._loss_scale()
+        # Each micro-step's gradient is its micro-batch mean divided by accum_steps (and loss-scaled).
+        small = micro_mean * (self.accum_steps / scale) ** 2
+        if self.info.is_distributed:
+            small = small / self.info.world_size
+            dist.all_reduce(small)
+        return NoiseMeasurement(small_sq_norm=small, small_batch_size=self.micro_batch_size,
+                                big_sq_norm=self._averaged_grad_sq_norm() / scale**2,
+                                big_batch_size=self.global_batch_size)
+
+    def _averaged_grad_sq_norm(self) -> torch.Tensor:
+        if self._steps_module_directly():
+            return self._replicated_grad_norm().square()  # DeepSpeed averaged the module's .grad in place
+        # Collective: each rank's partition norm, summed over ranks; still loss-scaled.
+        return self._engine.optimizer.scaled_global_norm().float().square()
+
+    def _loss_scale(self) -> float:
+        return float(getattr(self._engine.optimizer, "loss_scale", 1.0)) if self.precision == "fp16" else 1.0
+
+    # --- Lookahead's slow weights --------------------------------------------------------------
+    @contextlib.contextmanager
+    def slow_weights(self) -> Iterator[None]:
+        """Within the block the module holds Lookahead's slow weights (collective); a no-op without Lookahead.
+
+        Under ZeRO the slow weights live beside this rank's fp32 master partition, so they are swapped into
+        the master weights and the module is refreshed from them (an all-gather), and back afterwards.
+        """
+        swap = getattr(self._client_optimizer, "slow_weights", None)
+        if swap is None or self._steps_module_directly():
+            with swap() if swap is not None else contextlib.nullcontext():
+                yield
+            return
+        refresh = getattr(self._engine.optimizer, "update_lp_params", None)
+        if refresh is None:
+            raise ValueError(f"Lookahead's slow weights cannot be swapped into the model under "
+                             f"{type(self._engine.optimizer).__name__} (zero_stage=0 with {self.precision}); "
+                             "use zero_stage >= 1")
+        try:
+            with swap():
+                refresh()
+                yield
+        finally:
+            refresh()
+
+    # --- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError("a DeepSpeed checkpoint is written by every rank (optimizer state is "
+                                  "sharded): use save_checkpoint()/load_checkpoint()")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError("a DeepSpeed checkpoint is read by every rank: use load_checkpoint()")
+
+    def save_checkpoint(self, checkpointer: Any, *, step: int, client_state: dict[str, Any]) -> Path:
+        """Collective: write checkpoint ``step`` as the directory ``step-NNNNNNNN`` in the checkpointer's
+        directory, through ``engine.save_checkpoint``, with ``client_state`` (the trainer's progress and RNG).
+
+        Every rank writes its optimizer partition into a temporary directory that the main rank renames
+        once all have finished, so a crash leaves the previous checkpoints and no half-written one.
+        """
+        directory = Path(checkpointer.directory)
+        final = directory / f"step-{step:08d}"
+        tmp = directory / f".{final.name}.tmp"
+        self._engine.save_checkpoint(str(directory), tag=tmp.name, client_state={CLIENT_STATE_KEY: client_state},
+                                     save_latest=False)
+        self.barrier()
+        if self.is_main:
+            if final.exists():  # saved again at the same step (e.g. the final save after a resume)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        self.barrier()
+        return final
+
+    def load_checkpoint(self, checkpointer: Any, path: str | Path) -> dict[str, Any]:
+        """Collective, strict: model, optimizer partition (with Lookahead's slow weights) and fp32 master
+        weights of this rank from the checkpoint directory ``path``; returns the saved client_state."""
+        path = Path(path)
+        expected = path / f"zero_pp_rank_{self.info.rank}_mp_rank_00_optim_states.pt"
+        if not path.is_dir() or (self.zero_stage > 0 and not expected.is_file()):
+            raise _checkpoint_error(f"checkpoint {str(path)!r} is not a DeepSpeed ZeRO-{self.zero_stage} "
+                                    f"checkpoint for {self.info.world_size} ranks (no {expected.name})")
+        load_path, client = self._engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                                                         load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None or CLIENT_STATE_KEY not in (client or {}):
+            raise _checkpoint_error(f"checkpoint {str(path)!r} could not be loaded by DeepSpeed")
+        return client[CLIENT_STATE_KEY]
+
+
+def _ensure_process_group(info: DistInfo) -> None:
+    """DeepSpeed needs a process group even for one process; give it an in-memory one-rank group."""
+    if dist.is_initialized():
+        return
+    if info.is_distributed:
+        raise RuntimeError("no process group: start it with dist_train.distributed.init_distributed first")
+    dist.init_process_group("nccl" if info.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                            rank=0, world_size=1)
+
+
+def _cast_at_the_boundary(module: nn.Module, *, dtype: torch.dtype) -> None:
+    """DeepSpeed casts the module's parameters to bf16/fp16 but leaves its inputs alone. Cast floating
+    inputs to ``dtype`` on the way in and logits back to fp32 on the way out, so the trainer, evaluation
+    and export call the module exactly as in fp32, and the loss is computed in fp32."""
+
+    def cast_inputs(_: nn.Module, args: tuple) -> tuple:
+        return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    def cast_output(_: nn.Module, __: tuple, out: Any) -> Any:
+        return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
+
+    module.register_forward_pre_hook(cast_inputs)
+    module.register_forward_hook(cast_output)
+
+
+class _MicroBatchGradSqNorms:
+    """Sum over micro-steps of the squared norm of each backward's fresh (local, unreduced) gradient."""
+
+    def __init__(self, params: Iterator[nn.Parameter]):
+        self.total: torch.Tensor | None = None
+        self.micro_steps = 0
+        self._handles = [p.register_hook(self._add) for p in params if p.requires_grad]
+
+    def _add(self, grad: torch.Tensor) -> None:
+        sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+        self.total = sq if self.total is None else self.total + sq
+
+    def pop_mean(self) -> torch.Tensor:
+        """Mean over this step's micro-steps; resets for the next step."""
+        if self.total is None or self.micro_steps == 0:
+            raise RuntimeError("no backward since the last noise measurement: measure once per optimizer step, "
+                               "after the last backward")
+        mean = self.total / self.micro_steps
+        self.total, self.micro_steps = None, 0
+        return mean
+
+
+def _checkpoint_error(message: str) -> Exception:
+    from dist_train.checkpoint import CheckpointError
+
+    return CheckpointError(message + "; set checkpoint.resume=false to start afresh")
+
+

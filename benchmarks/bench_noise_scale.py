@@ -33,7 +33,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_train.models import build_model
-from dist_train.noise_scale import AccumulationNoiseScaleProbe, DDPNoiseScaleProbe, GradientNoiseScale
+from dist_train.noise_scale import (
+    AccumulationNoiseScaleProbe,
+    DDPNoiseScaleProbe,
+    GradientNoiseScale,
+    NoiseMeasurement,
+    squared_norm,
+)
 
 
 def _batch(micro_batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,8 +61,22 @@ def _interleaved(step_with: Callable[[], float], step_without: Callable[[], floa
         ratios.append(a / b)
         with_s.append(a)
         without_s.append(b)
-    return {"ratio": statistics.median(ratios), "with_s": statistics.median(with_s),
-            "without_s": statistics.median(without_s), "pairs": pairs}
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return {"ratio": statistics.median(ratios), "q1": q1, "q3": q3, "min_ratio": min(with_s) / min(without_s),
+            "with_s": statistics.median(with_s), "without_s": statistics.median(without_s)}
+
+
+def _median_time(fn: Callable[[], None], reps: int = 20) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _grads(model: nn.Module) -> list[torch.Tensor]:
+    return [p.grad for p in model.parameters() if p.grad is not None]
 
 
 def _make_step(model: nn.Module, *, x: torch.Tensor, y: torch.Tensor, accum_steps: int,
@@ -97,7 +117,21 @@ def _ddp_case(rank: int, world_size: int, name: str, args: argparse.Namespace) -
                             after_backward=lambda: noise.update(probe.measure(global_batch_size=global_batch)))
     without = _make_step(plain, x=x, y=y, accum_steps=args.accum_steps, synchronise=True)
     out = _interleaved(with_probe, without, pairs=args.pairs, warmup=args.warmup)
-    out["b_simple"] = noise.b_simple or float("nan")  # a read forces nothing on CPU; it shows the probe ran
+    assert noise.grad_sq_norm is not None, "the probe did not run"
+    # The added work alone, on this model's gradients: a norm of every bucket before and after the
+    # all-reduce, the scalar all-reduce and the estimator update (less exposed to machine noise).
+    plain.zero_grad(set_to_none=False)
+    (nn.functional.cross_entropy(plain.module(x), y)).backward()
+    flat = torch.cat([g.flatten() for g in _grads(plain.module)])
+
+    def added_work() -> None:
+        local, reduced = squared_norm(flat), squared_norm(flat)
+        dist.all_reduce(local)
+        noise.update(NoiseMeasurement(small_sq_norm=local, small_batch_size=1, big_sq_norm=reduced,
+                                      big_batch_size=2))
+
+    dist.barrier()
+    out["added_s"] = _median_time(added_work)
     return out
 
 
@@ -139,7 +173,16 @@ def bench_accumulation(args: argparse.Namespace, name: str) -> dict[str, float]:
                             after_backward=lambda: noise.update(probe.measure(micro_batch_size=args.micro_batch_size)))
     without = _make_step(plain, x=x, y=y, accum_steps=accum)
     out = _interleaved(with_probe, without, pairs=args.pairs, warmup=args.warmup)
-    out["accum_steps"] = accum
+    nn.functional.cross_entropy(plain(x), y).backward()
+    grads = _grads(plain)
+
+    def added_work() -> None:  # per-parameter norms in each micro-step's hooks, the final norm, the update
+        micro = [torch.stack([squared_norm(g) for g in grads]).sum() for _ in range(accum)]
+        big = torch.stack([squared_norm(g) for g in grads]).sum()
+        noise.update(NoiseMeasurement(small_sq_norm=torch.stack(micro).mean(), small_batch_size=1,
+                                      big_sq_norm=big, big_batch_size=2))
+
+    out["added_s"] = _median_time(added_work)
     return out
 
 
@@ -157,21 +200,26 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["cifar_resnet20", "resnet18"])
     parser.add_argument("--micro-batch-size", type=int, default=32)
     parser.add_argument("--accum-steps", type=int, default=1, help="DDP accumulation steps (>= 2 single-process)")
-    parser.add_argument("--pairs", type=int, default=20)
+    parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
 
     print(f"machine: {_machine()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}\n")
-    print("| setup | model | step without (s) | step with (s) | median ratio with/without | overhead |")
-    print("|---|---|---|---|---|---|")
-    for name, r in bench_ddp(args).items():
-        print(f"| DDP 2 gloo ranks, micro {args.micro_batch_size}, accum {args.accum_steps} | {name} | "
-              f"{r['without_s']:.3f} | {r['with_s']:.3f} | {r['ratio']:.3f} | {100 * (r['ratio'] - 1):+.1f}% |")
-    for name in args.models:
-        r = bench_accumulation(args, name)
-        print(f"| 1 process, micro {args.micro_batch_size}, accum {r['accum_steps']} | {name} | "
-              f"{r['without_s']:.3f} | {r['with_s']:.3f} | {r['ratio']:.3f} | {100 * (r['ratio'] - 1):+.1f}% |")
-    print(f"\nmedian over {args.pairs} interleaved pairs after {args.warmup} warm-up pairs")
+    print("| setup | model | step without (s) | step with (s) | median ratio (IQR) | overhead | min/min "
+          "| added work alone |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = [(f"DDP 2 gloo ranks, micro {args.micro_batch_size}, accum {args.accum_steps}", name, r)
+            for name, r in bench_ddp(args).items()]
+    accum = max(2, args.accum_steps)
+    rows += [(f"1 process, micro {args.micro_batch_size}, accum {accum}", name, bench_accumulation(args, name))
+             for name in args.models]
+    for setup, name, r in rows:
+        print(f"| {setup} | {name} | {r['without_s']:.3f} | {r['with_s']:.3f} | {r['ratio']:.3f} "
+              f"({r['q1']:.3f}-{r['q3']:.3f}) | {100 * (r['ratio'] - 1):+.1f}% | {r['min_ratio']:.3f} "
+              f"| {1e3 * r['added_s']:.1f} ms = {100 * r['added_s'] / r['without_s']:.1f}% |")
+    print(f"\nmedians over {args.pairs} interleaved pairs after {args.warmup} warm-up pairs; "
+          "min/min: fastest step with over fastest without; added work alone: median of 20 timings, "
+          "as % of the median step without")
 
 
 if __name__ == "__main__":

@@ -1,60 +1,143 @@
-"""Checkpoints: written by the main rank, atomically, and loaded without running code from the file."""
+"""Checkpoints: atomic, checksummed, and loaded without running code from the file.
+
+A checkpoint is a directory ``step-NNNNNNNN/`` holding
+  - ``rank-R.pt``: each rank's own training state (progress, RNG streams, noise-scale averages);
+  - the backend's files (DDP: ``backend.pt`` written by rank 0; DeepSpeed: its per-rank shards);
+  - ``MANIFEST.json``: the world size and a sha256 per file, written last.
+It is written under a temporary name and renamed into place by rank 0 once every rank is done,
+so a crash leaves either the previous set of checkpoints or the new one, never half of one. On
+load, a checkpoint whose files do not match its manifest is reported and skipped for the
+previous one. Multi-node runs need ``checkpoint.dir`` on a filesystem every node sees.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import re
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-_NAME = re.compile(r"^step-(\d{8})\.pt$")
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^step-(\d{8})$")
+MANIFEST = "MANIFEST.json"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message says which file and what to do."""
+    """A checkpoint cannot be used; the message says which one and what to do."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_tensor_file(obj: Any, path: Path) -> None:
+    """torch.save and fsync, so the bytes are on disk before the manifest that vouches for them."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_tensor_file(path: Path) -> Any:
+    # weights_only: tensors and plain containers only; a checkpoint cannot run code on load.
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class Checkpointer:
-    """Saves ``step-NNNNNNNN.pt`` files in one directory and keeps the last ``keep_last``."""
+    """Writes and finds the checkpoints of one run, keeping the last ``keep_last``."""
 
-    def __init__(self, directory: str | Path, *, keep_last: int, is_main: bool):
+    def __init__(self, directory: str | Path, *, keep_last: int, rank: int, world_size: int,
+                 barrier: Callable[[], None] = lambda: None):
         self.directory = Path(directory)
         self.keep_last = keep_last
-        self.is_main = is_main
+        self.rank = rank
+        self.world_size = world_size
+        self.barrier = barrier
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     def paths(self) -> list[Path]:
+        """Finished checkpoints, oldest first."""
         if not self.directory.is_dir():
             return []
-        return sorted(p for p in self.directory.iterdir() if _NAME.match(p.name))
+        return sorted(p for p in self.directory.iterdir() if _NAME.match(p.name) and (p / MANIFEST).is_file())
 
-    def latest(self) -> Path | None:
-        paths = self.paths()
-        return paths[-1] if paths else None
+    # --- save --------------------------------------------------------------------------------
+    def save(self, *, step: int, rank_state: dict[str, Any], save_backend: Callable[[Path], None]) -> Path:
+        """Collective: every rank calls it. ``save_backend(tmp_dir)`` writes the backend's files."""
+        final = self.directory / f"step-{step:08d}"
+        tmp = self.directory / f".step-{step:08d}.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash during an earlier save
+            tmp.mkdir(parents=True)
+        self.barrier()
+        save_tensor_file(rank_state, tmp / f"rank-{self.rank}.pt")
+        save_backend(tmp)
+        self.barrier()
+        if self.is_main:
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            manifest = {"step": step, "world_size": self.world_size,
+                        "files": {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                                  for p in files}}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # atomic: the checkpoint appears whole or not at all
+            for old in self.paths()[:-self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
+        return final
 
-    def save(self, state: dict[str, Any], *, step: int) -> Path | None:
-        """Write ``state`` as the checkpoint of ``step`` (main rank only); returns its path there."""
-        if not self.is_main:
-            return None
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"step-{step:08d}.pt"
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # A rename is atomic: a reader sees the old set of checkpoints or the new one, never half a file.
-        os.replace(tmp, path)
-        for old in self.paths()[:-self.keep_last]:
-            old.unlink(missing_ok=True)
-        return path
-
-    def load(self, path: str | Path) -> dict[str, Any]:
+    # --- load --------------------------------------------------------------------------------
+    def verify(self, path: Path) -> dict[str, Any]:
+        """The manifest of ``path`` if every file matches it; else CheckpointError saying what is wrong."""
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise CheckpointError(f"checkpoint {str(path)!r} does not exist") from None
-        except Exception as err:  # truncated zip, bad pickle opcode, disallowed global...
-            raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({err}); delete it to fall back to "
-                                  f"the previous one, or set checkpoint.resume=false to start afresh") from err
+            manifest = json.loads((path / MANIFEST).read_text())
+            files = manifest["files"]
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {path} has no readable {MANIFEST} ({err})") from None
+        for name, meta in files.items():
+            file = path / name
+            if not file.is_file():
+                raise CheckpointError(f"checkpoint {path} is missing {name}")
+            if file.stat().st_size != meta["bytes"] or _sha256(file) != meta["sha256"]:
+                raise CheckpointError(f"checkpoint {path}: {name} does not match its checksum (truncated or "
+                                      f"corrupt)")
+        return manifest
+
+    def latest_valid(self) -> Path | None:
+        """The newest checkpoint whose files match their manifest; corrupt ones are reported and skipped."""
+        for path in reversed(self.paths()):
+            try:
+                self.verify(path)
+            except CheckpointError as err:
+                log.warning("%s; falling back to the previous checkpoint", err)
+                continue
+            return path
+        return None
+
+    def load_rank_state(self, path: Path) -> dict[str, Any]:
+        """This rank's own state from checkpoint ``path``, after checking the world size matches."""
+        manifest = self.verify(path)
+        if manifest["world_size"] != self.world_size:
+            raise CheckpointError(
+                f"checkpoint {path} was written by {manifest['world_size']} ranks but this run has "
+                f"{self.world_size}; relaunch with {manifest['world_size']} ranks, or start a fresh run in a new "
+                f"train.run_dir (or checkpoint.resume=false)")
+        try:
+            return load_tensor_file(path / f"rank-{self.rank}.pt")
+        except Exception as err:  # a bad pickle opcode, a disallowed global...
+            raise CheckpointError(f"checkpoint {path}: rank-{self.rank}.pt cannot be read ({err}); delete the "
+                                  f"checkpoint to fall back to the previous one") from err

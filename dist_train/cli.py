@@ -54,11 +54,19 @@ def main(argv: list[str] | None = None) -> int:
     # A config file given as the only positional may actually be an override (``train optim.lr=1``).
     if getattr(args, "config", None) and "=" in args.config:
         args.overrides, args.config = [args.config, *args.overrides], None
+    from dist_train.faults import PREEMPTED_EXIT_CODE, NonFiniteLoss, Preempted
+
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
         print(f"dist-train: config error: {err}", file=sys.stderr)
         return 2
+    except Preempted as err:
+        print(f"dist-train: {err}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except NonFiniteLoss as err:
+        print(f"dist-train: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

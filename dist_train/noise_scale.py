@@ -9,8 +9,8 @@ Three parts, each usable alone:
 - ``DDPNoiseScaleProbe``: a DDP communication hook. For every gradient bucket it records the squared
   norm of the local gradient before the all-reduce and of the averaged one after it; ``measure()`` then
   averages the local norms over ranks with one scalar all-reduce. B_small is the per-rank batch.
-- ``AccumulationNoiseScaleProbe``: one process with gradient accumulation. The change of ``.grad``
-  across each micro-step's backward is that micro-batch's gradient; B_small is the micro batch.
+- ``AccumulationNoiseScaleProbe``: one process with gradient accumulation. A gradient hook on each
+  parameter sees each micro-batch's own gradient before it is accumulated; B_small is the micro batch.
 
 Both probes assume the loss of each micro-step is the mean over its samples divided by the number of
 accumulation steps, so the final gradient is the mean over the global batch (what the backends do).
@@ -126,7 +126,8 @@ class GradientNoiseScale:
         self._state = torch.tensor([float(state[k]) for k in keys], dtype=torch.float64)
 
 
-def _sq_norm(tensor: torch.Tensor) -> torch.Tensor:
+def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """|tensor|^2 as a float32 scalar tensor on the tensor's device (no host sync)."""
     return torch.linalg.vector_norm(tensor, dtype=torch.float32).square()
 
 
@@ -178,55 +179,60 @@ class DDPNoiseScaleProbe:
 # No ``from __future__ import annotations`` in this module: DDP checks the hook's annotations as objects.
 def _record_norms_hook(probe: "DDPNoiseScaleProbe", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     # Before the reduction the bucket holds this rank's gradient; the inner hook divides it in place.
-    probe._local.append(_sq_norm(bucket.buffer()))
+    probe._local.append(squared_norm(bucket.buffer()))
 
     def record_reduced(fut: torch.futures.Future) -> torch.Tensor:
         value = fut.value()
         reduced = value[0] if isinstance(value, list) else value
-        probe._reduced.append(_sq_norm(reduced))
+        probe._reduced.append(squared_norm(reduced))
         return reduced
 
     return probe._comm_hook(probe.process_group, bucket).then(record_reduced)
 
 
 class AccumulationNoiseScaleProbe:
-    """Per-micro-batch gradients of one process, from the change of ``.grad`` across each backward.
+    """Per-micro-batch gradient norms of one process, from gradient hooks on the parameters.
 
-    Costs one copy of the gradients (the previous ``.grad``) and two passes over them per micro-step.
+    A hook on a leaf tensor sees the gradient of the current backward before it is added to ``.grad``,
+    i.e. one micro-batch's gradient: its squared norm costs one read of the gradients per micro-step,
+    no copy. Every backward through the parameters between two ``measure()`` calls is counted, so run
+    evaluation under ``torch.no_grad()``; ``remove()`` takes the hooks off.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter]):
         self.params = [p for p in params if p.requires_grad]
-        self._previous: list[torch.Tensor] | None = None
+        self._pending: list[torch.Tensor] = []  # squared norms of parameter gradients since the last micro-step
         self._micro_sq_norms: list[torch.Tensor] = []
+        self._handles = [p.register_hook(self._record) for p in self.params]
+
+    def _record(self, grad: torch.Tensor) -> None:
+        self._pending.append(squared_norm(grad))
 
     def after_micro_backward(self) -> None:
-        """Call right after each micro-step's ``backward()`` (grads accumulate; they are zeroed between steps)."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if self._previous is None:  # first micro-step of the optimizer step: .grad is its gradient
-            self._micro_sq_norms.append(sum((_sq_norm(g) for g in grads), torch.zeros((), device=grads[0].device)))
-            self._previous = [g.detach().clone() for g in grads]
-            return
-        if len(grads) != len(self._previous):
-            raise RuntimeError("the set of parameters with gradients changed between micro-steps")
-        total = torch.zeros((), device=grads[0].device)
-        for g, prev in zip(grads, self._previous):
-            torch.sub(g, prev, out=prev)  # prev now holds this micro-batch's share of the gradient
-            total += _sq_norm(prev)
-            prev.copy_(g)
-        self._micro_sq_norms.append(total)
+        """Call right after each micro-step's ``backward()``; grads accumulate and are zeroed between steps."""
+        if not self._pending:
+            raise RuntimeError("no parameter gradient was seen since the last micro-step; call "
+                               "after_micro_backward() once after each backward through the model")
+        self._micro_sq_norms.append(torch.stack(self._pending).sum())
+        self._pending.clear()
 
     def measure(self, *, micro_batch_size: int) -> NoiseMeasurement:
         """After the last micro-step of an optimizer step (before the optimizer zeroes the grads)."""
         steps = len(self._micro_sq_norms)
-        if steps < 2:
-            raise RuntimeError(f"{steps} micro-step(s) recorded since the last measure(); the accumulation probe "
-                               "needs >= 2 (call after_micro_backward() after each backward)")
-        big = sum((_sq_norm(p.grad) for p in self.params if p.grad is not None),
-                  torch.zeros((), device=self._micro_sq_norms[0].device))
-        # Each micro-step's .grad change is its micro-batch mean gradient divided by the accumulation steps.
+        if steps < 2 or self._pending:
+            raise RuntimeError(f"{steps} micro-step(s) recorded since the last measure(), and "
+                               f"{'some' if self._pending else 'no'} unmarked backward; the accumulation probe "
+                               "needs >= 2, each followed by after_micro_backward()")
+        big = torch.stack([squared_norm(p.grad) for p in self.params if p.grad is not None]).sum()
+        # The loss is divided by the accumulation steps, so each micro-step's gradient is 1/steps of its
+        # micro-batch mean gradient.
         small = torch.stack(self._micro_sq_norms).mean() * steps**2
         self._micro_sq_norms.clear()
-        self._previous = None
         return NoiseMeasurement(small_sq_norm=small, small_batch_size=micro_batch_size,
                                 big_sq_norm=big, big_batch_size=micro_batch_size * steps)
+
+    def remove(self) -> None:
+        """Take the gradient hooks off the parameters."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

@@ -60,7 +60,7 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
     noise, controller = _noise_scale(cfg, backend, schedule, info)
     run_dir = Path(cfg.train.run_dir)
     checkpointer = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
-                                is_main=info.is_main)
+                                rank=info.rank, world_size=info.world_size, barrier=backend.barrier)
     mean, std = loader.NORMALISATION.get(manifest["dataset"], ((0.5,) * manifest["image"]["channels"],) * 2)
     data_seed = cfg.train.seed * 7919 + 1
     trainer = Trainer(
@@ -114,10 +114,10 @@ def _noise_scale(cfg: Config, backend: Any, schedule: Any, info: Any) -> tuple[A
 
 def _resume(trainer: Any, cfg: Config, checkpointer: Any, run_dir: Path) -> str | None:
     """Load the latest checkpoint if asked to; returns the MLflow run id to continue, if any."""
-    latest = checkpointer.latest() if cfg.checkpoint.resume else None
+    latest = checkpointer.latest_valid() if cfg.checkpoint.resume else None
     if latest is None:
         return None
-    trainer.load_state_dict(checkpointer.load(latest))
+    trainer.load_checkpoint(latest)
     log.warning("resumed from %s at step %d", latest, trainer.progress.step)
     run_id_file = run_dir / "mlflow_run_id"
     return run_id_file.read_text().strip() if run_id_file.is_file() else None

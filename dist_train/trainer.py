@@ -10,9 +10,11 @@ Metrics stay on the device and are reduced every ``log_every_steps`` steps, not 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -21,8 +23,10 @@ import torch.nn.functional as F
 from dist_train.backends import Backend
 from dist_train.checkpoint import Checkpointer
 from dist_train.config import TrainConfig
+from dist_train.faults import NonFiniteLoss, Preempted, PreemptionGuard, step_flags
 from dist_train.tracking import Tracker
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class Progress:
@@ -33,6 +37,8 @@ class Progress:
     micro_batches: int = 0
     """Micro-batches this rank has drawn from its training stream: the data position."""
     bad_samples: int = 0
+    skipped_steps: int = 0
+    """Steps whose update was skipped because the loss was not finite."""
 
     def state_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -84,18 +90,19 @@ class Trainer:
         self._stream: Iterator[dict] | None = None
         self._window = _MetricWindow(backend.info.device)
         self.history: list[dict[str, float]] = []
+        self.logged_through_step = 0
+        """Training metrics up to this step are already in the tracker (set when continuing a run)."""
 
     # --- state -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        state = {"backend": self.backend.state_dict(), "progress": self.progress.state_dict(),
-                 "torch_rng": torch.get_rng_state()}
+    def rank_state_dict(self) -> dict[str, Any]:
+        """This rank's training state besides model and optimizer (those belong to the backend)."""
+        state = {"progress": self.progress.state_dict(), "torch_rng": torch.get_rng_state()}
         for name in ("noise", "batch_controller"):
             if getattr(self, name) is not None:
                 state[name] = getattr(self, name).state_dict()
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.backend.load_state_dict(state["backend"])
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         self.progress.load_state_dict(state["progress"])
         torch.set_rng_state(state["torch_rng"])
         for name in ("noise", "batch_controller"):
@@ -103,10 +110,14 @@ class Trainer:
                 getattr(self, name).load_state_dict(state[name])
         self._stream = None  # re-created at the saved data position on next use
 
-    def save_checkpoint(self) -> None:
-        state = self.state_dict()  # collective: every rank takes part (sharded optimizer state)
-        self.checkpointer.save(state, step=self.progress.step)
-        self.backend.barrier()
+    def save_checkpoint(self) -> Path:
+        """Collective: every rank writes its part, rank 0 makes the checkpoint appear atomically."""
+        return self.checkpointer.save(step=self.progress.step, rank_state=self.rank_state_dict(),
+                                      save_backend=self.backend.save_to)
+
+    def load_checkpoint(self, path: Path) -> None:
+        self.backend.load_from(path)
+        self.load_rank_state_dict(self.checkpointer.load_rank_state(path))
 
     # --- the loop ----------------------------------------------------------------------------
     def _total_samples(self) -> int:
@@ -130,34 +141,47 @@ class Trainer:
         return next(self._stream)
 
     def fit(self) -> dict[str, float]:
-        bar = _progress_bar(self) if self.backend.is_main and self.cfg.progress_bar else None
-        next_eval = self._next_eval_epoch()
-        last_eval: dict[str, float] = {}
-        tic, samples_at_tic = time.perf_counter(), self.progress.samples_seen
-        while not self._done():
-            state = self._schedule_state()
-            self.train_step(state)
-            if self.batch_controller is not None:
-                self.batch_controller.update(step=self.progress.step, b_simple=self.noise.b_simple)
-            if self.progress.step % self.cfg.log_every_steps == 0 or self._done():
-                elapsed = time.perf_counter() - tic
-                metrics = self._log_train(state, (self.progress.samples_seen - samples_at_tic) / max(elapsed, 1e-9))
-                tic, samples_at_tic = time.perf_counter(), self.progress.samples_seen
-                if bar is not None:
-                    bar.update(self.progress.samples_seen - bar.n)
-                    bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", B=state.global_batch_size,
-                                    lr=f"{state.lr:.3g}", m=f"{state.momentum:.3g}")
-            if self.cfg.eval_every_epochs and self._epoch() >= next_eval and not self._done():
-                last_eval = self.evaluate()
-                next_eval = self._next_eval_epoch()
-            if self._checkpoint_due():
-                self.save_checkpoint()
-        if bar is not None:
-            bar.close()
+        """Train to the configured length; evaluate and checkpoint at the end. Raises ``Preempted``
+        after saving a checkpoint when a preemption signal arrives."""
+        self._bar = _progress_bar(self) if self.backend.is_main and self.cfg.progress_bar else None
+        self._next_eval = self._next_eval_epoch()
+        self._tic = (time.perf_counter(), self.progress.samples_seen)
+        try:
+            with PreemptionGuard() as guard:
+                while not self._done():
+                    state = self._schedule_state()
+                    preempt = self.train_step(state, preempt_requested=guard.requested)
+                    self._after_step(state)
+                    if preempt:
+                        path = self.save_checkpoint()
+                        raise Preempted(f"stopped at step {self.progress.step} on a preemption signal; "
+                                        f"checkpoint {path}; run the same command again to continue")
+        finally:
+            if self._bar is not None:
+                self._bar.close()
         last_eval = self.evaluate()
         self.save_checkpoint()
         return {**last_eval, "step": self.progress.step, "samples_seen": self.progress.samples_seen,
-                "epoch": self._epoch()}
+                "epoch": self._epoch(), "skipped_steps": self.progress.skipped_steps}
+
+    def _after_step(self, state: Any) -> None:
+        """Batch-size decision, logging, evaluation and checkpoints due after a step."""
+        if self.batch_controller is not None:
+            self.batch_controller.update(step=self.progress.step, b_simple=self.noise.b_simple)
+        if self.progress.step % self.cfg.log_every_steps == 0 or self._done():
+            tic, samples_at_tic = self._tic
+            rate = (self.progress.samples_seen - samples_at_tic) / max(time.perf_counter() - tic, 1e-9)
+            metrics = self._log_train(state, rate)
+            self._tic = (time.perf_counter(), self.progress.samples_seen)
+            if self._bar is not None:
+                self._bar.update(self.progress.samples_seen - self._bar.n)
+                self._bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", B=state.global_batch_size,
+                                      lr=f"{state.lr:.3g}", m=f"{state.momentum:.3g}")
+        if self.cfg.eval_every_epochs and self._epoch() >= self._next_eval and not self._done():
+            self.evaluate()
+            self._next_eval = self._next_eval_epoch()
+        if self._checkpoint_due():
+            self.save_checkpoint()
 
     def _schedule_state(self) -> Any:
         if self.batch_controller is None:
@@ -165,12 +189,15 @@ class Trainer:
         return self.schedule.state_at(self.progress.samples_seen,
                                       global_batch_size=self.batch_controller.global_batch_size)
 
-    def train_step(self, state: Any) -> None:
-        """One optimizer step at the schedule's ``state``: exactly ``state.global_batch_size`` samples."""
+    def train_step(self, state: Any, *, preempt_requested: bool = False) -> bool:
+        """One optimizer step at the schedule's ``state``: exactly ``state.global_batch_size`` samples.
+
+        Returns whether any rank asked to stop (preemption), agreed across ranks."""
         backend = self.backend
         accum_steps = backend.set_global_batch_size(state.global_batch_size)
         self.set_hyperparams(backend.optimizer, lr=state.lr, momentum=state.momentum)
         backend.model.train()
+        step_loss = torch.zeros((), device=backend.info.device)
         for i in range(accum_steps):
             batch = self._next_micro_batch()
             images, labels = self.normalise(batch["image"]), batch["label"].to(backend.info.device)
@@ -178,15 +205,33 @@ class Trainer:
                 logits = backend.model(images)
                 loss = F.cross_entropy(logits, labels)
                 backend.backward(loss / accum_steps)
+            step_loss += loss.detach()
             self._window.add(loss.detach(), logits.detach(), labels, batch["bad_samples"])
         if self.noise is not None:
-            measurement = backend.noise_measurement()  # before the step: it reads the gradients
+            # Before the step, which consumes the gradients. Non-finite estimates are ignored by update().
+            measurement = backend.noise_measurement()
             if measurement is not None:
                 self.noise.update(measurement)
-        grad_norm = backend.optimizer_step(grad_clip_norm=self.cfg.grad_clip_norm)
-        self._window.grad_norm = grad_norm
+        # One small all-reduce (and host sync) per step: every rank must skip, stop or go on together.
+        nonfinite, preempt = step_flags(loss_sum=step_loss, preempt_requested=preempt_requested,
+                                        all_reduce=backend.all_reduce)
+        if nonfinite:
+            self._on_nonfinite_loss()
+        else:
+            self._window.grad_norm = backend.optimizer_step(grad_clip_norm=self.cfg.grad_clip_norm)
         self.progress.step += 1
         self.progress.samples_seen += state.global_batch_size
+        return preempt
+
+    def _on_nonfinite_loss(self) -> None:
+        if self.cfg.nonfinite_loss == "stop":
+            raise NonFiniteLoss(
+                f"the loss was NaN or Inf at step {self.progress.step + 1}; the last good checkpoint is kept. "
+                f"Lower optim.lr, set train.grad_clip_norm, or set train.nonfinite_loss=skip to skip such steps")
+        self.backend.discard_gradients()
+        self.progress.skipped_steps += 1
+        log.warning("non-finite loss at step %d: update skipped (%d so far)", self.progress.step + 1,
+                    self.progress.skipped_steps)
 
     def _epoch(self) -> float:
         return self.progress.samples_seen / self.dataset_size
@@ -212,11 +257,15 @@ class Trainer:
         metrics = {**window, "lr": state.lr, "global_batch_size": state.global_batch_size,
                    "momentum": state.momentum, "samples_seen": self.progress.samples_seen, "epoch": self._epoch(),
                    "throughput/samples_per_s": samples_per_s, "data/bad_samples": self.progress.bad_samples}
+        metrics["train/skipped_steps"] = self.progress.skipped_steps
         metrics.update(self.schedule_metrics(state))
         if self.noise is not None:
             metrics.update(self.noise.metrics())
         self.history.append({"step": self.progress.step, **metrics})
-        self.tracker.log_metrics(metrics, step=self.progress.step)
+        # A resumed run recomputes (identically) the steps after its checkpoint that the tracker may
+        # already hold; log only steps it does not have, so no step appears twice.
+        if self.progress.step > self.logged_through_step:
+            self.tracker.log_metrics(metrics, step=self.progress.step)
         return metrics
 
     def schedule_metrics(self, state: Any) -> dict[str, float]:

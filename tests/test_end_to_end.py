@@ -35,8 +35,8 @@ def test_torchrun_two_ranks_through_the_cli_exits_0(short_run):
     summary = json.loads((cwd / "runs/demo/summary.json").read_text())
     assert summary["step"] == 6 and summary["samples_seen"] == 6 * 128
     assert proc.stdout.count("final test accuracy") == 1  # printed by rank 0 only
-    assert sorted(p.name for p in (cwd / "runs/demo/checkpoints").iterdir()) == ["step-00000003.pt",
-                                                                               "step-00000006.pt"]
+    assert sorted(p.name for p in (cwd / "runs/demo/checkpoints").iterdir()) == ["step-00000003",
+                                                                               "step-00000006"]
 
 
 def test_mlflow_store_holds_the_run_params_metrics_and_config(short_run):

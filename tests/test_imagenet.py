@@ -21,10 +21,10 @@ import torch
 from fixtures_data import imagenet_photos, photo_class_index  # noqa: F401  (pytest fixture)
 from PIL import Image
 
-from dist_train.data import imagenet
+from dist_train.data import imagenet, jpeg
 from dist_train.data.cli import add_make_shards_parser
 from dist_train.data.errors import BadSample
-from dist_train.data.jpeg import decode_box, eval_decoder, open_image, random_resized_crop_box, train_decoder
+from dist_train.data.jpeg import eval_decoder, random_resized_crop_box, resize_uint8, train_decoder
 from dist_train.data.shards import read_manifest, shard_paths, verify
 
 
@@ -158,44 +158,75 @@ def test_non_jpeg_file_is_stored_as_jpeg(tmp_path, imagenet_photos):  # noqa: F8
 
 # --- decoding ---------------------------------------------------------------------------------
 
-def test_decoders_give_uint8_chw(imagenet_photos):  # noqa: F811
-    train, evaluate = train_decoder(224, seed=0), eval_decoder(224, 256)
+@pytest.fixture(params=["pillow", pytest.param("simplejpeg", marks=pytest.mark.skipif(
+    jpeg.simplejpeg is None, reason="simplejpeg (the optional faster decoder) is not installed"))])
+def backend(request) -> str:
+    return request.param
+
+
+def test_decoders_give_uint8_chw(imagenet_photos, backend):  # noqa: F811
+    train, evaluate = train_decoder(224, seed=0, backend=backend), eval_decoder(224, 256, backend=backend)
     for photo in imagenet_photos:
         data = photo.read_bytes()
         for out in (train(data), evaluate(data)):
             assert out.dtype == torch.uint8 and out.shape == (3, 224, 224) and out.is_contiguous()
 
 
-def test_train_decoder_is_seeded(imagenet_photos):  # noqa: F811
+def test_train_decoder_is_seeded(imagenet_photos, backend):  # noqa: F811
     data = [p.read_bytes() for p in imagenet_photos[:5]]
-    a, b, c = train_decoder(224, seed=1), train_decoder(224, seed=1), train_decoder(224, seed=2)
+    a, b, c = (train_decoder(224, seed=s, backend=backend) for s in (1, 1, 2))
     outs_a, outs_b, outs_c = ([d(x) for x in data] for d in (a, b, c))
     assert all(torch.equal(x, y) for x, y in zip(outs_a, outs_b))
     assert not all(torch.equal(x, y) for x, y in zip(outs_a, outs_c))
 
 
-def test_eval_decoder_matches_torchvision_resize_center_crop(imagenet_photos):  # noqa: F811
+@pytest.mark.skipif(jpeg.simplejpeg is None, reason="simplejpeg (the optional faster decoder) is not installed")
+def test_backends_give_identical_tensors(imagenet_photos):  # noqa: F811
+    for photo in imagenet_photos:
+        data = photo.read_bytes()
+        assert torch.equal(eval_decoder(backend="pillow")(data), eval_decoder(backend="simplejpeg")(data))
+        assert torch.equal(train_decoder(seed=3, backend="pillow")(data),
+                           train_decoder(seed=3, backend="simplejpeg")(data))
+
+
+def test_eval_decoder_matches_torchvision_resize_center_crop(imagenet_photos, backend):  # noqa: F811
     import torchvision.transforms as T
 
     reference = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
-    ours = eval_decoder(224, 256)
+    ours = eval_decoder(224, 256, backend=backend)
     for photo in imagenet_photos:
         expected = reference(Image.open(photo).convert("RGB")).float()
         diff = (ours(photo.read_bytes()).float() - expected).abs().mean().item()
         assert diff < 0.1, f"{photo.name}: mean |difference| {diff:.2f} of 255"
 
 
-def test_reduced_scale_decode_matches_full_decode_resized_crop(imagenet_photos):  # noqa: F811
+def _decode_crop(data: bytes, box, backend: str) -> tuple[torch.Tensor, tuple[int, int]]:
+    header = jpeg.read_header(data, use_simplejpeg=backend == "simplejpeg")
+    pixels, (left, top, right, bottom) = jpeg.decode_pixels(data, header, box, 224, reducing_gap=1.0)
+    crop = pixels[:, :, round(top):round(bottom), round(left):round(right)]
+    return resize_uint8(crop, 224, 224)[0].float(), (pixels.shape[3], pixels.shape[2])
+
+
+def test_train_crop_equals_torchvision_resized_crop_at_full_scale(imagenet_photos, backend):  # noqa: F811
+    import torchvision.transforms.functional as F
+
+    photo = imagenet_photos[0]
+    full = Image.open(photo).convert("RGB")
+    for left, top, right, bottom in [(10, 20, 300, 260), (100, 100, 180, 170), (0, 0, 400, 300)]:
+        ours, _ = _decode_crop(photo.read_bytes(), (left, top, right, bottom), backend)
+        expected = F.pil_to_tensor(F.resized_crop(full, top, left, bottom - top, right - left, [224, 224])).float()
+        assert (ours - expected).abs().max().item() <= 1  # torch's and Pillow's kernels agree
+
+
+def test_reduced_scale_decode_is_close_to_full_decode(imagenet_photos, backend):  # noqa: F811
     import torchvision.transforms.functional as F
 
     big = [p for p in imagenet_photos if Image.open(p).size[0] >= 1000]
     assert big, "the foolbox photos include 1024x683 ones"
     for photo in big:
         width, height = Image.open(photo).size
-        box = (100, 50, 100 + 600, 50 + 500)  # large enough for a 1/2-scale decode
-        image = open_image(photo.read_bytes())
-        ours = torch.from_numpy(np.array(decode_box(image, box, 224))).permute(2, 0, 1).float()
-        assert image.size == (width // 2, math.ceil(height / 2)), "draft should decode at 1/2 scale"
+        ours, decoded_size = _decode_crop(photo.read_bytes(), (100, 50, 700, 550), backend)
+        assert decoded_size == (width // 2, math.ceil(height / 2)), "should decode at 1/2 scale"
         expected = F.pil_to_tensor(F.resized_crop(Image.open(photo).convert("RGB"), 50, 100, 500, 600,
                                                   [224, 224], antialias=True)).float()
         assert (ours - expected).abs().mean().item() < 3.0
@@ -219,18 +250,24 @@ def test_crop_boxes_follow_torchvision_distribution():
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK"])
-def test_greyscale_and_cmyk_jpegs_become_rgb(imagenet_photos, mode):  # noqa: F811
+def test_greyscale_and_cmyk_jpegs_become_rgb(imagenet_photos, mode, backend):  # noqa: F811
     buffer = io.BytesIO()
     Image.open(imagenet_photos[0]).convert(mode).save(buffer, format="JPEG")
-    for decode in (train_decoder(224, seed=0), eval_decoder(224, 256)):
-        assert decode(buffer.getvalue()).shape == (3, 224, 224)
+    expected = eval_decoder(224, 256, backend="pillow")(buffer.getvalue())
+    assert torch.equal(eval_decoder(224, 256, backend=backend)(buffer.getvalue()), expected)
+    assert train_decoder(224, seed=0, backend=backend)(buffer.getvalue()).shape == (3, 224, 224)
 
 
-def test_corrupt_jpegs_raise_bad_sample(imagenet_photos):  # noqa: F811
+def test_corrupt_jpegs_raise_bad_sample(imagenet_photos, backend):  # noqa: F811
     data = imagenet_photos[0].read_bytes()
     corrupt = {"truncated": data[: len(data) // 3], "garbage": bytes(range(256)) * 40, "empty": b"",
-               "header only": data[:600]}
+               "header only": data[:600], "png bytes": b"\x89PNG\r\n\x1a\n" + data[8:2000]}
     for name, payload in corrupt.items():
-        for decode in (train_decoder(224, seed=0), eval_decoder(224, 256)):
+        for decode in (train_decoder(224, seed=0, backend=backend), eval_decoder(224, 256, backend=backend)):
             with pytest.raises(BadSample):
                 decode(payload)
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="backend"):
+        train_decoder(224, backend="turbo")

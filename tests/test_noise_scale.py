@@ -134,21 +134,26 @@ def test_accumulation_probe_recovers_the_true_noise_scale():
 def test_accumulation_probe_norms_are_exact():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
-    probe = AccumulationNoiseScaleProbe(mlp.parameters())
     xs = torch.randn(3, 4, 5)
-    micro_grads = []
+    reference = copy.deepcopy(mlp)
+    micro_grads = [torch.cat([g.flatten() for g in torch.autograd.grad(reference(x).square().mean(),
+                                                                       list(reference.parameters()))]) for x in xs]
+    probe = AccumulationNoiseScaleProbe(mlp.parameters())
     for x in xs:
         (mlp(x).square().mean() / 3).backward()
         probe.after_micro_backward()
-        micro_grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(mlp(x).square().mean(),
-                                                                                list(mlp.parameters()))]))
     m = probe.measure(micro_batch_size=4)
+    assert (m.small_batch_size, m.big_batch_size) == (4, 12)
     expected_small = torch.stack([g.square().sum() for g in micro_grads]).mean()
     expected_big = torch.stack(micro_grads).mean(0).square().sum()
     assert float(m.small_sq_norm) == pytest.approx(float(expected_small), rel=1e-5)
     assert float(m.big_sq_norm) == pytest.approx(float(expected_big), rel=1e-5)
     with pytest.raises(RuntimeError, match="needs >= 2"):
         probe.measure(micro_batch_size=4)
+    mlp(xs[0]).sum().backward()
+    with pytest.raises(RuntimeError, match="unmarked backward"):
+        probe.measure(micro_batch_size=4)
+    probe.remove()
 
 
 # --- DDP, two gloo ranks -------------------------------------------------------------------------------------

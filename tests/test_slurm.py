@@ -91,6 +91,9 @@ def test_preempted_job_is_requeued_and_resumes(slurm_cluster, tmp_path):
     # Requeued with the same overrides, forced to resume despite checkpoint.resume=false.
     assert results[0]["overrides"][-1] == slurm.RESUME_OVERRIDE
     assert results[0]["overrides"][:2] == [f"train.run_dir={run_dir}", "checkpoint.resume=false"]
+    # Only rank 0 itself checkpointed and requeued, not the forked helper that inherited its handler.
+    logs = handles[0].paths.stdout.read_text() + handles[0].paths.stderr.read_text()
+    assert logs.count("Calling checkpoint method") == 1, logs
 
 
 @pytest.mark.slurm

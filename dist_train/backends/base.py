@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import abc
 import contextlib
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_train.checkpoint import CheckpointError, load_tensor_file, save_tensor_file
 from dist_train.config import accumulation_steps
 from dist_train.distributed import DistInfo
 
+BACKEND_FILE = "backend.pt"
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
@@ -66,6 +69,10 @@ class Backend(abc.ABC):
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of a loss already divided by the accumulation steps."""
 
+    def discard_gradients(self) -> None:
+        """Drop this step's gradients without updating (a skipped non-finite step)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
     @abc.abstractmethod
     def optimizer_step(self, *, grad_clip_norm: float = 0.0) -> torch.Tensor:
         """Step the optimizer on the synced gradients, zero them, and return the global gradient norm."""
@@ -102,6 +109,26 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Strict load of what ``state_dict`` returned, on every rank."""
+
+    def save_to(self, directory: Path) -> None:
+        """Collective: write this backend's part of a checkpoint into ``directory``.
+
+        The default gathers ``state_dict()`` and has the main rank write it; DeepSpeed overrides this
+        to let every rank write its own shards."""
+        state = self.state_dict()
+        if self.is_main:
+            save_tensor_file(state, directory / BACKEND_FILE)
+
+    def load_from(self, directory: Path) -> None:
+        """Load what ``save_to`` wrote; a clear error if it belongs to another model or optimizer."""
+        state = load_tensor_file(directory / BACKEND_FILE)
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(
+                f"checkpoint {directory} does not fit this run's model or optimizer ({str(err)[:500]}); "
+                f"resume with the config it was written with (its config.yaml in train.run_dir), or start "
+                f"afresh in a new train.run_dir") from None
 
 
 def build_backend(name: str, info: DistInfo, *, micro_batch_size: int, **options: Any) -> Backend:

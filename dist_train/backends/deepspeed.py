@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -39,8 +37,6 @@ from dist_train.distributed import DistInfo
 from dist_train.noise_scale import NoiseMeasurement
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-CLIENT_STATE_KEY = "dist_train"
-"""The trainer's client_state is stored under this one key of DeepSpeed's model-states file."""
 OWNED_KEYS = {
     "train_batch_size": "train.global_batch_size (the schedule sets it every step)",
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",
@@ -264,45 +260,40 @@ class DeepSpeedBackend(Backend):
 
     # --- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError("a DeepSpeed checkpoint is written by every rank (optimizer state is "
-                                  "sharded): use save_checkpoint()/load_checkpoint()")
+        raise NotImplementedError("a DeepSpeed checkpoint is written by every rank (the optimizer state is "
+                                  "sharded): use save_to(directory)/load_from(directory)")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError("a DeepSpeed checkpoint is read by every rank: use load_checkpoint()")
+        raise NotImplementedError("a DeepSpeed checkpoint is read by every rank: use load_from(directory)")
 
-    def save_checkpoint(self, checkpointer: Any, *, step: int, client_state: dict[str, Any]) -> Path:
-        """Collective: write checkpoint ``step`` as the directory ``step-NNNNNNNN`` in the checkpointer's
-        directory, through ``engine.save_checkpoint``, with ``client_state`` (the trainer's progress and RNG).
+    def save_to(self, directory: Path) -> None:
+        """Collective: ``engine.save_checkpoint`` into ``directory``. The main rank writes the module's
+        state_dict; every rank writes its optimizer partition with its fp32 master weights and, with
+        Lookahead, its share of the slow weights. The Checkpointer renames the directory into place."""
+        directory = Path(directory)
+        # DeepSpeed writes to <save_dir>/<tag>/; its own 'latest' file is not needed (the Checkpointer
+        # finds the latest checkpoint), and the trainer's state is in the Checkpointer's rank files.
+        self._engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
 
-        Every rank writes its optimizer partition into a temporary directory that the main rank renames
-        once all have finished, so a crash leaves the previous checkpoints and no half-written one.
-        """
-        directory = Path(checkpointer.directory)
-        final = directory / f"step-{step:08d}"
-        tmp = directory / f".{final.name}.tmp"
-        self._engine.save_checkpoint(str(directory), tag=tmp.name, client_state={CLIENT_STATE_KEY: client_state},
-                                     save_latest=False)
-        self.barrier()
-        if self.is_main:
-            if final.exists():  # saved again at the same step (e.g. the final save after a resume)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        self.barrier()
-        return final
-
-    def load_checkpoint(self, checkpointer: Any, path: str | Path) -> dict[str, Any]:
-        """Collective, strict: model, optimizer partition (with Lookahead's slow weights) and fp32 master
-        weights of this rank from the checkpoint directory ``path``; returns the saved client_state."""
-        path = Path(path)
-        expected = path / f"zero_pp_rank_{self.info.rank}_mp_rank_00_optim_states.pt"
-        if not path.is_dir() or (self.zero_stage > 0 and not expected.is_file()):
-            raise _checkpoint_error(f"checkpoint {str(path)!r} is not a DeepSpeed ZeRO-{self.zero_stage} "
-                                    f"checkpoint for {self.info.world_size} ranks (no {expected.name})")
-        load_path, client = self._engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
-                                                         load_optimizer_states=True, load_lr_scheduler_states=False)
-        if load_path is None or CLIENT_STATE_KEY not in (client or {}):
-            raise _checkpoint_error(f"checkpoint {str(path)!r} could not be loaded by DeepSpeed")
-        return client[CLIENT_STATE_KEY]
+    def load_from(self, directory: Path) -> None:
+        """Collective, strict: what ``save_to`` wrote, each rank reading its own optimizer partition."""
+        directory = Path(directory)
+        # Without this rank's optimizer file DeepSpeed would warn and restart the optimizer from the weights.
+        own = (f"*zero_pp_rank_{self.info.rank}_mp_rank_*_optim_states.pt" if self._engine.save_zero_checkpoint
+               else "mp_rank_*_model_states.pt")
+        if not any(directory.glob(own)):
+            raise _checkpoint_error(f"checkpoint {directory} has no {own}: it was not written by DeepSpeed "
+                                    f"ZeRO-{self.zero_stage} with train.precision={self.precision} on "
+                                    f"{self.info.world_size} ranks")
+        try:
+            load_path, _ = self._engine.load_checkpoint(str(directory.parent), tag=directory.name,
+                                                        load_module_strict=True, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=False)
+        except (RuntimeError, KeyError, ValueError, AssertionError) as err:
+            raise _checkpoint_error(f"checkpoint {directory} does not fit this run's model, optimizer or "
+                                    f"DeepSpeed settings ({str(err)[:500]})") from None
+        if load_path is None:
+            raise _checkpoint_error(f"DeepSpeed could not load checkpoint {directory}")
 
 
 def _ensure_process_group(info: DistInfo) -> None:
@@ -355,6 +346,7 @@ class _MicroBatchGradSqNorms:
 def _checkpoint_error(message: str) -> Exception:
     from dist_train.checkpoint import CheckpointError
 
-    return CheckpointError(message + "; set checkpoint.resume=false to start afresh")
+    return CheckpointError(message + "; resume with the config it was written with, or start afresh in a new "
+                           "train.run_dir (or checkpoint.resume=false)")
 
 

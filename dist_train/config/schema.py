@@ -68,6 +68,9 @@ class TrainConfig:
     """``auto`` picks CUDA when available (one GPU per local rank), else CPU."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast dtype for the forward pass."""
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
+    """On a NaN/Inf loss: ``stop`` with a clear error (the last good checkpoint stays), or ``skip`` the update
+    and count it (``train/skipped_steps``)."""
     grad_clip_norm: float = 0.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
     progress_bar: bool = True

@@ -6,7 +6,8 @@ time-out SLURM sends SIGUSR2 ahead of the kill; submitit's handler in rank 0 the
 ``TrainJob.checkpoint()`` and requeues the job with what it returns: the same config and
 overrides, plus ``checkpoint.resume=true``. The requeued job therefore continues from the latest
 checkpoint in its run dir, and the trainer continues the MLflow run whose id it stored there.
-Work since the last checkpoint is lost, so set ``checkpoint.every_steps`` to bound it.
+Work since the last checkpoint is lost, so set ``checkpoint.every_steps`` to bound it. How a
+requeue is kept from looking like a failure is in ``preemption.py``.
 
 submitit is imported inside the functions that need it, so ``import dist_train`` stays light.
 """
@@ -14,6 +15,7 @@ submitit is imported inside the functions that need it, so ``import dist_train``
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 import textwrap
 import time
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TextIO
 
 from dist_train.config import check_world_size, load_config
+from dist_train.launch.preemption import PreemptionGuard
 from dist_train.launch.sweep import SweepMember, keys_of, separate_outputs
 
 Entry = Callable[[str | None, list[str]], Any]
@@ -41,7 +44,7 @@ class TrainJob:
     """What every task of a job runs; pickled by submitit and unpickled on the compute node."""
 
     config_path: str | None
-    """YAML config, as an absolute path (the job may start in another directory after a requeue)."""
+    """YAML config, resolved to an absolute path at submission (a job may run in another directory)."""
     overrides: tuple[str, ...] = ()
     """Dotted overrides, exactly as the trainer takes them."""
     entry: Entry | None = None
@@ -52,10 +55,18 @@ class TrainJob:
         # Not CUDA_VISIBLE_DEVICES: SLURM already limits a job to its GPUs, and the trainer picks
         # cuda:LOCAL_RANK among them, as under torchrun.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        guard = PreemptionGuard.install(getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG))
         entry = self.entry
         if entry is None:
             from dist_train.train import run as entry
-        return entry(self.config_path, list(self.overrides))
+        try:
+            return entry(self.config_path, list(self.overrides))
+        except Exception as err:
+            # submitit's own "not requeued" errors are real outcomes; anything else after the signal
+            # is the ranks coming apart during the requeue.
+            if guard.signalled and not isinstance(err, submitit.core.utils.UncompletedJobError):
+                guard.leave_without_result(err)
+            raise
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """Called by submitit on SIGUSR2 (preemption, time-out): resubmit this job, resuming."""

@@ -10,8 +10,9 @@ taken as constant: rho_t is defined for a constant beta2 only.
 
 Rectification threshold: the paper's derivation needs rho_t > 4, which makes r_t real, but the
 variance approximation behind r_t is poor just above 4. We switch at rho_t > 5, as the official
-code and ``torch.optim.RAdam`` do. For every beta2, rho_1 = 1 and rho_t grows by just under 1 per
-step, so t = 5 (rho_5 ~ 4.99) is the step the two choices disagree on; the tests pin it.
+code and ``torch.optim.RAdam`` do. rho_1 = 1 and rho_t < t afterwards, so the first five steps are
+always momentum SGD; for the usual beta2 (0.99, 0.999) rho_5 ~ 4.99 and rho_6 ~ 5.99, so step 5 is the
+step the two thresholds disagree on, and the tests pin it.
 """
 
 from __future__ import annotations

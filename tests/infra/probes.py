@@ -41,19 +41,32 @@ def gloo_ranks(config_path: str | None, overrides: list[str]) -> dict:
 def hold_until_requeued(config_path: str | None, overrides: list[str]) -> dict:
     """Behave like a trainer that checkpoints into ``train.run_dir`` and resumes from it.
 
-    The first attempt writes its "checkpoint" and then runs for up to two minutes, long enough to
-    be preempted; an attempt that finds the checkpoint returns at once.
+    The first attempt writes its "checkpoint", starts a forked helper (as DataLoader workers are)
+    and all-reduces in a loop for up to two minutes, long enough to be preempted. When rank 0
+    leaves for the requeue, the other rank's all-reduce fails, as a real collective would. An
+    attempt that finds the checkpoint returns at once.
     """
+    import multiprocessing
+
+    import torch
+    import torch.distributed as dist
+
     run_dir = Path(_override(overrides, "train.run_dir"))
     checkpoint = run_dir / "checkpoint"
     result = {"rank": int(os.environ["RANK"]), "overrides": list(overrides),
               "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
     if checkpoint.exists():
         return {**result, "resumed": True}
+    dist.init_process_group("gloo")
+    helper = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,), daemon=True)
+    helper.start()
     if result["rank"] == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_text(os.environ.get("SLURM_JOB_ID", "local"))
-    time.sleep(120)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        dist.all_reduce(torch.zeros(1))
+        time.sleep(0.1)
     return {**result, "resumed": False}
 
 

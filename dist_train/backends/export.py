@@ -1,0 +1,75 @@
+"""``dist-train export CKPT OUT``: a checkpoint's model weights as a plain fp32 state_dict.
+
+The output loads with ``torch.load(OUT, weights_only=True)`` and ``model.load_state_dict`` without
+dist_train, DeepSpeed or the number of ranks that trained it; use it for evaluation and other tools.
+
+- A DDP checkpoint (``backend.pt`` in the directory) holds the whole model: its ``model`` entry.
+- A DeepSpeed ZeRO-1/2 checkpoint holds the fp32 master weights in per-rank partitions:
+  DeepSpeed's ``zero_to_fp32`` joins them. A ZeRO-0 checkpoint holds the module as trained.
+
+The weights are the trained (fast) ones; with Lookahead the trainer evaluates the slow weights, which
+stay in the optimizer state and are not exported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from dist_train.checkpoint import CheckpointError, load_tensor_file, save_tensor_file
+
+DDP_FILE = "backend.pt"  # what Backend.save_to writes (dist_train.backends.base.BACKEND_FILE)
+
+
+def export_state_dict(checkpoint_path_or_dir: str | Path, out_path: str | Path) -> Path:
+    """Write the model state_dict of the checkpoint at ``checkpoint_path_or_dir`` to ``out_path``."""
+    state = model_state_dict(checkpoint_path_or_dir)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    save_tensor_file(state, tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def model_state_dict(checkpoint_path_or_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The fp32 model state_dict held by a checkpoint directory (DDP or DeepSpeed) or a ``backend.pt``."""
+    path = Path(checkpoint_path_or_dir)
+    if path.is_file() and path.name == DDP_FILE:
+        path = path.parent
+    if not path.is_dir():
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint directory (step-NNNNNNNN/)")
+    if (path / DDP_FILE).is_file():
+        state = load_tensor_file(path / DDP_FILE)["model"]
+    elif any(path.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    elif (path / "mp_rank_00_model_states.pt").is_file():
+        # ZeRO-0: DeepSpeed pickles its own objects next to the module, so this file needs a full unpickle
+        # (as DeepSpeed's loader does); export only checkpoints you trust.
+        state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    else:
+        raise CheckpointError(f"{str(path)!r} holds neither {DDP_FILE} (DDP) nor DeepSpeed model or ZeRO files")
+    return {name: t.detach().float() if t.is_floating_point() else t.detach() for name, t in state.items()}
+
+
+def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``export CKPT OUT``; it sets ``func(args) -> int``."""
+    parser = subparsers.add_parser(
+        "export", help="write a checkpoint's model weights as a plain state_dict",
+        description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1].replace("\n", " "))
+    parser.add_argument("checkpoint", metavar="CKPT", help="a checkpoint directory, e.g. runs/x/checkpoints/"
+                                                           "step-00001000 (DDP or DeepSpeed)")
+    parser.add_argument("out", metavar="OUT", help="the .pt file to write")
+    parser.set_defaults(func=_run_export)
+    return parser
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    out = export_state_dict(args.checkpoint, args.out)
+    print(f"wrote {out}")
+    return 0

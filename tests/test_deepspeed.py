@@ -1,0 +1,251 @@
+"""DeepSpeed ZeRO-1/2 on 2 gloo ranks against the DDP backend on the same global batches.
+
+DeepSpeed is slow to start (import, engine set-up), so one pair of ranks runs every scenario once
+(``scenarios`` below, about a minute on 2 cores) and each test checks one behaviour of the results.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_train.backends import build_backend
+from dist_train.config import BackendConfig, TrainConfig
+from dist_train.distributed import DistInfo
+from dist_train.noise_scale import GradientNoiseScale
+from dist_train.optim import build_optimizer
+from dist_train.optim.config import LookaheadConfig, OptimConfig
+from harness import ListSchedule, global_batches, make_trainer, rank_stream, tiny_net
+from multiproc import run_ranks
+
+pytest.importorskip("deepspeed")
+
+MICRO = 8
+SIZES = [16] * 10 + [32] * 10  # the global batch doubles at step 10: accumulation goes from 1 to 2 micro-steps
+RESUME_AT = 12
+RADAM = OptimConfig(name="radam", lr=0.01, momentum=0.9, weight_decay=1e-4)
+LOOKAHEAD = replace(RADAM, lookahead=LookaheadConfig(k=3, alpha=0.5))  # 12 % 3 == 0, 13 % 3 != 0: see below
+RUNS = {
+    "zero1-radam": (RADAM, {"zero_stage": 1}),
+    "zero2-radam": (RADAM, {"zero_stage": 2}),
+    "zero2-lookahead": (LOOKAHEAD, {"zero_stage": 2}),
+}
+NORMALISE = dict(mean=0.5 * 255, std=0.25 * 255)
+
+
+class VaryingSchedule(ListSchedule):
+    """lr and momentum change every step, so the losses match DDP's only if set_hyperparams reaches the
+    optimizer DeepSpeed steps."""
+
+    def state_at(self, samples_seen: int):
+        step = self.bounds.index(samples_seen)
+        return SimpleNamespace(lr=0.01 * (1 + step % 3) / 2, momentum=0.8 + 0.05 * (step % 3),
+                               global_batch_size=self.sizes[step])
+
+
+def _trainer(rank, world_size, batches, optim, backend="ddp", options=None, run_dir="", model_seed=0):
+    trainer = make_trainer(rank, world_size, batches=batches, micro=MICRO, optim=optim, backend=backend,
+                           backend_options=options, run_dir=run_dir, model_fn=lambda: tiny_net(model_seed))
+    trainer.schedule = VaryingSchedule(trainer.schedule.sizes)
+    return trainer
+
+
+def _step(trainer) -> float:
+    trainer.train_step(trainer.schedule.state_at(trainer.progress.samples_seen))
+    return trainer._window.reduce(trainer.backend)["train/loss"]
+
+
+def _train(trainer, steps: int) -> list[float]:
+    return [_step(trainer) for _ in range(steps)]
+
+
+# --- the scenarios, run once on 2 ranks ----------------------------------------------------------
+def _equivalence(rank, world_size, batches, run_dir):
+    out = {name: _train(_trainer(rank, world_size, batches, optim), len(batches))
+           for name, optim in (("ddp-radam", RADAM), ("ddp-lookahead", LOOKAHEAD))}
+    for name, (optim, options) in RUNS.items():
+        if name != "zero2-lookahead":
+            out[name] = _train(_trainer(rank, world_size, batches, optim, "deepspeed", options), len(batches))
+    # The Lookahead run also checkpoints at RESUME_AT, mid-way through a k-cycle of the resumed part,
+    # and a fresh engine (other initial weights) resumes from it.
+    optim, options = RUNS["zero2-lookahead"]
+    trainer = _trainer(rank, world_size, batches, optim, "deepspeed", options, run_dir=run_dir)
+    out["zero2-lookahead"] = _train(trainer, RESUME_AT)
+    path = trainer.save_checkpoint()
+    out["saved_module"] = {k: v.detach().clone() for k, v in trainer.backend.module.state_dict().items()}
+    out["zero2-lookahead"] += _train(trainer, len(batches) - RESUME_AT)
+    resumed = _trainer(rank, world_size, batches, optim, "deepspeed", options, run_dir=run_dir, model_seed=1)
+    resumed.load_checkpoint(path)
+    out["resumed_progress"] = resumed.progress.state_dict()
+    out["resumed"] = _train(resumed, len(batches) - RESUME_AT)
+    out["checkpoint"] = str(path)
+    return out
+
+
+def _bf16(rank, world_size, batches):
+    out = {}
+    for precision in ("fp32", "bf16"):
+        trainer = _trainer(rank, world_size, batches, RADAM, "deepspeed", {"zero_stage": 2, "precision": precision})
+        out[precision] = _train(trainer, len(batches))
+        out[f"{precision}_param_dtype"] = next(trainer.backend.module.parameters()).dtype
+    return out
+
+
+def _reference_noise(module, batch, *, world_size):
+    """(mean over all micro-batches of |g_micro|^2, |g_global|^2) on a plain fp32 copy of ``module``."""
+    weights = {k: v.detach().float() for k, v in module.state_dict().items()}
+    module = tiny_net()  # not a deepcopy: that would carry the backend's gradient hooks along
+    module.load_state_dict(weights)
+    grads = []
+    for r in range(world_size):
+        for micro in rank_stream([batch], rank=r, world_size=world_size, micro=MICRO):
+            module.zero_grad()
+            x = (micro["image"].float() - NORMALISE["mean"]) / NORMALISE["std"]
+            F.cross_entropy(module(x), micro["label"]).backward()
+            grads.append(torch.cat([p.grad.flatten() for p in module.parameters()]))
+    grads = torch.stack(grads)
+    return grads.square().sum(1).mean().item(), grads.mean(0).square().sum().item()
+
+
+def _noise(rank, world_size, batches, zero_stage):
+    """Drive the backend by hand: its measurement against gradients computed independently."""
+    info = DistInfo(rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size,
+                    device=torch.device("cpu"))
+    backend = build_backend("deepspeed", info, micro_batch_size=MICRO, zero_stage=zero_stage)
+    backend.setup(tiny_net(), lambda m: build_optimizer(m, RADAM))
+    backend.enable_noise_scale()
+    noise, rows = GradientNoiseScale(ema_decay=0.9), []
+    for batch in batches:
+        expected = _reference_noise(backend.module, batch, world_size=world_size)
+        accum_steps = backend.set_global_batch_size(len(batch["label"]))
+        for i, micro in enumerate(rank_stream([batch], rank=rank, world_size=world_size, micro=MICRO)):
+            with backend.grad_sync(i == accum_steps - 1):
+                x = (micro["image"].float() - NORMALISE["mean"]) / NORMALISE["std"]
+                backend.backward(F.cross_entropy(backend.model(x), micro["label"]) / accum_steps)
+        m = backend.noise_measurement()
+        noise.update(m)
+        backend.optimizer_step()
+        rows.append((float(m.small_sq_norm), float(m.big_sq_norm), *expected, m.small_batch_size, m.big_batch_size))
+    return rows, noise.b_simple
+
+
+def _scenarios(rank, world_size, run_dir):
+    batches = global_batches(len(SIZES), SIZES)
+    memorise = [global_batches(1, 32, seed=3)[0]] * 15  # one batch again and again: the loss must fall
+    return {"equivalence": _equivalence(rank, world_size, batches, run_dir),
+            "bf16": _bf16(rank, world_size, memorise),
+            "noise": {stage: _noise(rank, world_size, global_batches(4, [32, 16, 32, 32], seed=5), stage)
+                      for stage in (1, 2)}}
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("deepspeed_ckpt")
+    return run_ranks(_scenarios, str(run_dir), world_size=2, timeout_s=600)
+
+
+# --- equivalence with DDP ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(RUNS))
+def test_deepspeed_losses_match_ddp_with_the_same_optimizer(scenarios, name):
+    runs = scenarios[0]["equivalence"]
+    reference = runs["ddp-lookahead" if "lookahead" in name else "ddp-radam"]
+    assert len(runs[name]) == len(SIZES) >= 20
+    torch.testing.assert_close(torch.tensor(runs[name]), torch.tensor(reference), rtol=1e-5, atol=0)
+    # The test can fail: the losses change by far more than the tolerance while training.
+    assert abs(reference[-1] - reference[0]) > 1e-2
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+def test_resume_from_a_deepspeed_checkpoint_continues_the_uninterrupted_run(scenarios):
+    runs = scenarios[0]["equivalence"]
+    assert runs["resumed_progress"]["step"] == RESUME_AT
+    assert runs["resumed_progress"]["samples_seen"] == sum(SIZES[:RESUME_AT])
+    torch.testing.assert_close(torch.tensor(runs["resumed"]), torch.tensor(runs["zero2-lookahead"][RESUME_AT:]),
+                               rtol=1e-6, atol=0)
+
+
+def test_export_writes_the_fp32_weights_of_a_zero_checkpoint(scenarios, tmp_path):
+    from dist_train.backends.export import export_state_dict
+
+    runs = scenarios[0]["equivalence"]
+    out = export_state_dict(runs["checkpoint"], tmp_path / "model.pt")
+    exported = torch.load(out, weights_only=True)
+    model = tiny_net()
+    model.load_state_dict(exported, strict=True)
+    assert exported.keys() == runs["saved_module"].keys()
+    for key, value in runs["saved_module"].items():
+        torch.testing.assert_close(exported[key], value, rtol=0, atol=0)
+
+
+def test_export_command_is_registered():
+    import argparse
+
+    from dist_train.backends.export import add_export_parser
+
+    parser = argparse.ArgumentParser()
+    add_export_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["export", "runs/x/checkpoints/step-00000010", "model.pt"])
+    assert (args.checkpoint, args.out) == ("runs/x/checkpoints/step-00000010", "model.pt")
+
+
+# --- bf16 ----------------------------------------------------------------------------------------
+def test_a_bf16_run_trains(scenarios):
+    runs = scenarios[0]["bf16"]
+    assert runs["bf16_param_dtype"] == torch.bfloat16 and runs["fp32_param_dtype"] == torch.float32
+    assert runs["bf16"][-1] < 0.8 * runs["bf16"][0]
+    # bf16 forward and backward, fp32 master weights: the same run as fp32 up to bf16 rounding.
+    torch.testing.assert_close(torch.tensor(runs["bf16"]), torch.tensor(runs["fp32"]), rtol=0.05, atol=0)
+
+
+# --- gradient noise scale ------------------------------------------------------------------------
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_noise_measurement_matches_gradients_computed_by_hand(scenarios, zero_stage):
+    rows, b_simple = scenarios[0]["noise"][zero_stage]
+    for small, big, small_ref, big_ref, b_small, b_big in rows:
+        assert b_small == MICRO and b_big in (16, 32)
+        assert small == pytest.approx(small_ref, rel=1e-4)
+        assert big == pytest.approx(big_ref, rel=1e-4)
+    assert scenarios[1]["noise"][zero_stage][0] == rows  # every rank gets the same measurement
+    assert b_simple is not None and math.isfinite(b_simple) and b_simple > 0
+
+
+# --- configuration -------------------------------------------------------------------------------
+def test_json_overrides_merge_and_owned_keys_are_refused(tmp_path):
+    from dist_train.backends.deepspeed import deepspeed_config
+
+    config = deepspeed_config(micro_batch_size=8, world_size=2, zero_stage=2, precision="bf16", grad_clip_norm=1.0,
+                              overrides={"zero_optimization": {"reduce_bucket_size": 1000}, "zero_force_ds_cpu_optimizer": False})
+    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+    assert config["bf16"] == {"enabled": True} and config["gradient_clipping"] == 1.0
+    assert config["train_batch_size"] == 16 and config["zero_force_ds_cpu_optimizer"] is False
+    with pytest.raises(ValueError, match="train.micro_batch_size"):
+        deepspeed_config(micro_batch_size=8, world_size=2, zero_stage=1, precision="fp32", grad_clip_norm=0.0,
+                         overrides={"train_micro_batch_size_per_gpu": 4})
+    with pytest.raises(ValueError, match="backend.zero_stage"):
+        deepspeed_config(micro_batch_size=8, world_size=2, zero_stage=1, precision="fp32", grad_clip_norm=0.0,
+                         overrides={"zero_optimization": {"stage": 3}})
+
+
+def test_config_errors_name_the_setting(tmp_path):
+    with pytest.raises(ValueError, match="backend.zero_stage"):
+        BackendConfig(name="deepspeed", zero_stage=3)
+    with pytest.raises(ValueError, match="backend.deepspeed_config"):
+        BackendConfig(name="ddp", deepspeed_config=str(tmp_path))
+    with pytest.raises(ValueError, match="zero_stage"):
+        BackendConfig(name="deepspeed", shard_optimizer_state=True)
+    with pytest.raises(ValueError, match="fp16"):
+        BackendConfig().options(TrainConfig(precision="fp16"))
+    options = BackendConfig(name="deepspeed", zero_stage=2).options(TrainConfig(precision="bf16", grad_clip_norm=1.0))
+    assert options == {"zero_stage": 2, "precision": "bf16", "grad_clip_norm": 1.0, "config_file": ""}
+    cpu = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
+        build_backend("deepspeed", cpu, micro_batch_size=8, precision="fp16")
+    bad_json = tmp_path / "ds.json"
+    bad_json.write_text('{"optimizer": {"type": "Adam"}}')
+    with pytest.raises(ValueError, match="optim"):
+        build_backend("deepspeed", cpu, micro_batch_size=8, config_file=str(bad_json))

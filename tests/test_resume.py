@@ -1,0 +1,113 @@
+"""Resume is exact: an interrupted and resumed run gives the uninterrupted run's losses, bit for bit."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from dist_train.checkpoint import CheckpointError, Checkpointer
+from dist_train.optim.config import LookaheadConfig, OptimConfig
+from harness import global_batches, make_trainer, params_of
+from multiproc import run_ranks
+
+RADAM_LA = OptimConfig(name="radam", lr=0.01, momentum=0.9, weight_decay=1e-4,
+                       lookahead=LookaheadConfig(k=3, alpha=0.5))
+SIZES = [16, 16, 16, 16, 32, 32, 32, 32]  # the batch grows between the checkpoint and the end
+
+
+def _losses(trainer, n):
+    out = []
+    for _ in range(n):
+        trainer.train_step(trainer.schedule.state_at(trainer.progress.samples_seen))
+        out.append(trainer._window.reduce(trainer.backend)["train/loss"])
+    return out
+
+
+def _uninterrupted(rank, world_size, run_dir, shard):
+    trainer = make_trainer(rank, world_size, batches=global_batches(8, SIZES), micro=4, optim=RADAM_LA,
+                           shard=shard, run_dir=run_dir)
+    return _losses(trainer, 8), params_of(trainer)
+
+
+def _interrupted(rank, world_size, run_dir, shard, stop_at):
+    batches = global_batches(8, SIZES)
+    first = make_trainer(rank, world_size, batches=batches, micro=4, optim=RADAM_LA, shard=shard, run_dir=run_dir)
+    before = _losses(first, stop_at)
+    first.save_checkpoint()
+    # A fresh trainer (new model, optimizer, data stream) picks up from the checkpoint.
+    second = make_trainer(rank, world_size, batches=batches, micro=4, optim=RADAM_LA, shard=shard,
+                          run_dir=run_dir)
+    second.load_checkpoint(second.checkpointer.latest_valid())
+    return before + _losses(second, 8 - stop_at), params_of(second)
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
+def test_two_rank_resume_in_the_middle_of_a_lookahead_cycle_is_bit_exact(tmp_path, shard):
+    ref = run_ranks(_uninterrupted, str(tmp_path / "a"), shard, world_size=2)
+    # Step 5 is inside the second k=3 Lookahead cycle, and before the batch change at step 5.
+    got = run_ranks(_interrupted, str(tmp_path / "b"), shard, 4, world_size=2)
+    for (ref_losses, ref_params), (losses, params) in zip(ref, got):
+        assert losses == ref_losses  # bit-exact, not approximately
+        assert torch.equal(params, ref_params)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    ckpt = Checkpointer(tmp_path, keep_last=3, rank=0, world_size=1)
+    for step in (1, 2):
+        ckpt.save(step=step, rank_state={"step": torch.tensor(step)},
+                  save_backend=lambda d: torch.save({"w": torch.ones(1000)}, d / "backend.pt"))
+    latest = tmp_path / "step-00000002" / "backend.pt"
+    latest.write_bytes(latest.read_bytes()[:100])  # truncated
+    assert ckpt.latest_valid() == tmp_path / "step-00000001"
+    assert "does not match its checksum" in caplog.text and "falling back" in caplog.text
+
+
+def test_keep_last_and_no_partial_checkpoint_is_ever_visible(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
+    for step in range(1, 5):
+        ckpt.save(step=step, rank_state={}, save_backend=lambda d: None)
+    assert [p.name for p in ckpt.paths()] == ["step-00000003", "step-00000004"]
+    # A crash mid-save leaves only a temporary directory, which is never taken for a checkpoint.
+    (tmp_path / ".step-00000005.tmp").mkdir()
+    (tmp_path / "step-00000006").mkdir()  # no manifest: unfinished
+    assert ckpt.latest_valid() == tmp_path / "step-00000004"
+
+
+def test_world_size_mismatch_is_a_clear_error(tmp_path):
+    Checkpointer(tmp_path, keep_last=1, rank=0, world_size=2).save(step=1, rank_state={}, save_backend=lambda d: None)
+    with pytest.raises(CheckpointError, match="written by 2 ranks but this run has 1; relaunch with 2 ranks"):
+        Checkpointer(tmp_path, keep_last=1, rank=0, world_size=1).load_rank_state(tmp_path / "step-00000001")
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=1, rank=0, world_size=1)
+    path = ckpt.save(step=1, rank_state={}, save_backend=lambda d: None)
+    torch.save({"evil": os.system}, path / "rank-0.pt")  # a pickled callable
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    manifest["files"]["rank-0.pt"] = {"sha256": __import__("hashlib").sha256((path / "rank-0.pt").read_bytes())
+                                      .hexdigest(), "bytes": (path / "rank-0.pt").stat().st_size}
+    (path / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        ckpt.load_rank_state(path)
+
+
+def _model_mismatch(rank, world_size, run_dir):
+    from torch import nn
+
+    trainer = make_trainer(rank, world_size, batches=global_batches(1, 16), micro=4, optim=RADAM_LA,
+                           run_dir=run_dir)
+    _losses(trainer, 1)
+    trainer.save_checkpoint()
+    other = make_trainer(rank, world_size, batches=global_batches(1, 16), micro=4, optim=RADAM_LA, run_dir=run_dir,
+                         model_fn=lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 10)))
+    try:
+        other.load_checkpoint(other.checkpointer.latest_valid())
+    except CheckpointError as err:
+        return str(err)
+    return "loaded"
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
+    (message,) = run_ranks(_model_mismatch, str(tmp_path), world_size=1)
+    assert "does not fit this run's model or optimizer" in message and "new train.run_dir" in message

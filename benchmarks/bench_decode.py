@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dist_train.data import jpeg
 from dist_train.data.jpeg import eval_decoder, random_resized_crop_box, resize_uint8, train_decoder
 
 SIZE, RESIZE = 224, 256
@@ -72,8 +73,8 @@ def torchvision_io_train():
     return decode
 
 
-def simplejpeg_train():
-    """simplejpeg (libjpeg-turbo) with its own scaled decoding (any n/8 factor), then our resize."""
+def simplejpeg_any_scale_train():
+    """simplejpeg letting libjpeg pick any n/8 scale factor (we keep to 1/2, 1/4, 1/8)."""
     import simplejpeg
 
     rng = random.Random(0)
@@ -93,18 +94,22 @@ def simplejpeg_train():
     return decode
 
 
+def backends() -> list[str]:
+    return ["pillow", "simplejpeg"] if jpeg.simplejpeg is not None else ["pillow"]
+
+
 def candidates() -> dict[str, object]:
-    found = {
-        "train: Pillow + torchvision transforms (ImageFolder's)": torchvision_pil_train(),
-        "train: ours (Pillow + draft, torch resize)": train_decoder(SIZE, seed=0),
-        "train: torchvision.io.decode_jpeg + tensor resize": torchvision_io_train(),
-    }
-    try:
-        found["train: simplejpeg scaled decode + Pillow resize"] = simplejpeg_train()
-    except ImportError:
-        print("simplejpeg not installed: skipped", file=sys.stderr)
+    found = {"train: Pillow + torchvision transforms (ImageFolder's)": torchvision_pil_train()}
+    for backend in backends():
+        found[f"train: ours, {backend} backend"] = train_decoder(SIZE, seed=0, backend=backend)
+    found["train: torchvision.io.decode_jpeg + tensor resize"] = torchvision_io_train()
+    if jpeg.simplejpeg is not None:
+        found["train: simplejpeg, any n/8 scale"] = simplejpeg_any_scale_train()
+    else:
+        print("simplejpeg not installed: its rows are skipped", file=sys.stderr)
     found["eval: Pillow + torchvision Resize/CenterCrop"] = torchvision_pil_eval()
-    found["eval: ours (Pillow + draft, torch resize)"] = eval_decoder(SIZE, RESIZE)
+    for backend in backends():
+        found[f"eval: ours, {backend} backend"] = eval_decoder(SIZE, RESIZE, backend=backend)
     return found
 
 
@@ -198,20 +203,22 @@ def pipeline_rates(images: list[bytes], *, workers: int, repeats: int, batch_siz
 
     transforms = {"train": T.Compose([T.RandomResizedCrop(SIZE), T.RandomHorizontalFlip(), T.PILToTensor()]),
                   "eval": T.Compose([T.Resize(RESIZE), T.CenterCrop(SIZE), T.PILToTensor()])}
-    ours = {"train": train_decoder(SIZE), "eval": eval_decoder(SIZE, RESIZE)}
+    ours = {(mode, backend): train_decoder(SIZE, backend=backend) if mode == "train" else
+            eval_decoder(SIZE, RESIZE, backend=backend) for mode in transforms for backend in backends()}
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "src", Path(tmp) / "shards"
         write_image_folder(src, images)
         write_imagenet_shards(src, out, splits=("train",), samples_per_shard=max(1, len(images) // (4 * workers)),
                               progress=False)
         urls = shard_paths(out, "train")
-        rates = {(mode, kind): [] for mode in transforms for kind in ("shards", "folder")}
+        rates = {(mode, kind): [] for mode in transforms for kind in ("folder", *backends())}
         for _ in range(repeats):
             for mode in transforms:
-                rates[(mode, "shards")].append(loader_rate(
-                    shard_loader(urls, ours[mode], workers=workers, batch_size=batch_size)))
                 rates[(mode, "folder")].append(loader_rate(
                     folder_loader(src / "train", transforms[mode], workers=workers, batch_size=batch_size)))
+                for backend in backends():
+                    rates[(mode, backend)].append(loader_rate(
+                        shard_loader(urls, ours[(mode, backend)], workers=workers, batch_size=batch_size)))
     return {key: tuple(statistics.median(v) for v in zip(*values)) for key, values in rates.items()}
 
 
@@ -252,16 +259,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {label} | " + " | ".join(f"{rates[(label, n)]:.0f}" for n in datasets) + " |")
 
     pipes = pipeline_rates(synthetic, workers=args.workers, repeats=args.repeats)
-    print(f"\n| pipeline, {args.workers} worker(s), {len(synthetic)} synthetic JPEGs | shards + ours "
-          f"img/CPU-s | ImageFolder img/CPU-s | ratio | shards + ours img/s wall | ImageFolder img/s wall |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"\n| pipeline, {args.workers} worker(s), {len(synthetic)} synthetic JPEGs | img/CPU-s | "
+          f"vs ImageFolder | img/s wall |")
+    print("|---|---:|---:|---:|")
     for mode in ("train", "eval"):
-        (ours, ours_wall), (base, base_wall) = pipes[(mode, "shards")], pipes[(mode, "folder")]
-        print(f"| {mode} | {ours:.0f} | {base:.0f} | {ours / base:.2f}x | {ours_wall:.0f} | {base_wall:.0f} |")
-    per_core = pipes[("train", "shards")][0]
-    print(f"\ntrain pipeline: {per_core:.0f} img/s per CPU core; ~{math.ceil(3000 / per_core)} such cores "
-          f"feed one GPU at 3000 img/s")
-
+        base = pipes[(mode, "folder")][0]
+        print(f"| {mode}: ImageFolder + DataLoader, torchvision transforms | {base:.0f} | 1.00x | "
+              f"{pipes[(mode, 'folder')][1]:.0f} |")
+        for backend in backends():
+            ours, wall = pipes[(mode, backend)]
+            print(f"| {mode}: shards + webdataset + ours, {backend} | {ours:.0f} | {ours / base:.2f}x | {wall:.0f} |")
+    print()
+    for backend in backends():
+        per_core = pipes[("train", backend)][0]
+        print(f"train pipeline, {backend}: {per_core:.0f} img/s per CPU core; "
+              f"~{math.ceil(3000 / per_core)} such cores feed one GPU at 3000 img/s")
 
 if __name__ == "__main__":
     main()

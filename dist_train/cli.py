@@ -27,9 +27,21 @@ def _print_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_tracking(args: argparse.Namespace) -> int:
+    from dist_train.tracking import import_pending
+
+    run_id = import_pending(args.pending_file, tracking_uri=args.tracking_uri)
+    print(f"sent the queued records of {args.pending_file} to MLflow run {run_id}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("import-tracking", help="send a run's queued MLflow records (mlflow-pending.jsonl)")
+    p.add_argument("pending_file")
+    p.add_argument("--tracking-uri", default=None, help="send to this store instead of the one recorded")
+    p.set_defaults(func=_import_tracking)
     for name, func, text in (("train", _train, "train with a config and dotted overrides"),
                              ("config", _print_config, "print the resolved config")):
         p = sub.add_parser(name, help=text)

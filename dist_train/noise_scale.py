@@ -156,6 +156,7 @@ class DDPNoiseScaleProbe:
         # Lists, not running sums: with gloo the after-reduce callbacks run on the process group's threads.
         self._local: list[torch.Tensor] = []
         self._reduced: list[torch.Tensor] = []
+        self._synced_backwards = 0
         ddp_model.register_comm_hook(self, _record_norms_hook)
 
     def measure(self, *, global_batch_size: int) -> NoiseMeasurement:
@@ -163,13 +164,18 @@ class DDPNoiseScaleProbe:
 
         Collective: one all-reduce of a scalar. Call it on all ranks, once per optimizer step.
         """
-        if not self._local or len(self._local) != len(self._reduced):
-            raise RuntimeError("no gradient bucket was reduced since the last measure(): call measure() once per "
-                               "optimizer step, after the backward that synchronises gradients")
+        if global_batch_size % self.world_size:
+            raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the world size "
+                             f"{self.world_size}")
+        if self._synced_backwards != 1 or len(self._local) != len(self._reduced):
+            raise RuntimeError(f"{self._synced_backwards} synchronising backward(s) since the last measure(); "
+                               "call measure() exactly once per optimizer step, after the backward that "
+                               "synchronises gradients")
         local = torch.stack(self._local).sum()
         reduced = torch.stack(self._reduced).sum()
         self._local.clear()
         self._reduced.clear()
+        self._synced_backwards = 0
         local = local / self.world_size
         dist.all_reduce(local, group=self.process_group)  # mean over ranks of |G_local|^2
         return NoiseMeasurement(small_sq_norm=local, small_batch_size=global_batch_size // self.world_size,
@@ -180,6 +186,8 @@ class DDPNoiseScaleProbe:
 def _record_norms_hook(probe: "DDPNoiseScaleProbe", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     # Before the reduction the bucket holds this rank's gradient; the inner hook divides it in place.
     probe._local.append(squared_norm(bucket.buffer()))
+    if bucket.is_last():
+        probe._synced_backwards += 1
 
     def record_reduced(fut: torch.futures.Future) -> torch.Tensor:
         value = fut.value()

@@ -6,12 +6,16 @@ so no call site needs a rank check.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
 from dist_train.config import TrackingConfig
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -26,6 +30,8 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | Path) -> None: ...
 
     def finish(self, status: str = "FINISHED") -> None: ...
+
+    def last_logged_step(self, key: str = "samples_seen") -> int: ...
 
 
 class NullTracker:
@@ -45,54 +51,159 @@ class NullTracker:
     def finish(self, status: str = "FINISHED") -> None:
         pass
 
+    def last_logged_step(self, key: str = "samples_seen") -> int:
+        return 0
+
 
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 class MlflowTracker:
-    """Logs through ``MlflowClient`` (no global active-run state). Continues ``run_id`` when given."""
+    """Logs through ``MlflowClient`` (no global active-run state) and survives an unreachable server.
+
+    Every record goes into a queue that is sent in order. While the server cannot be reached, training
+    goes on: the queue is kept, written through to ``pending_file`` so a crash loses nothing, and sent
+    again every ``retry_interval_s``. ``dist-train import-tracking PENDING_FILE`` replays a pending file
+    whose server never came back. A continued run (``run_id``) keeps its id and params.
+    """
 
     # MLflow's own per-request limits for log_batch.
     _MAX_PARAMS, _MAX_METRICS = 100, 1000
 
-    def __init__(self, cfg: TrackingConfig, *, run_id: str | None = None):
+    def __init__(self, cfg: TrackingConfig, *, run_id: str | None = None, pending_file: str | Path | None = None,
+                 retry_interval_s: float = 30.0):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        # Fail fast instead of MLflow's default minutes of retries: we queue and retry ourselves.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow.tracking import MlflowClient
 
         self.uri = resolve_tracking_uri(cfg)
+        self.cfg = cfg
         self._client = MlflowClient(tracking_uri=self.uri)
-        if run_id:
-            self.run_id = self._client.get_run(run_id).info.run_id
-            self._client.update_run(self.run_id, status="RUNNING")
-        else:
-            experiment = self._client.get_experiment_by_name(cfg.experiment)
-            exp_id = experiment.experiment_id if experiment else self._client.create_experiment(cfg.experiment)
-            self.run_id = self._client.create_run(exp_id, run_name=cfg.run_name or None).info.run_id
+        self.run_id = run_id
+        self._continued = run_id is not None
+        self._queue: list[dict[str, Any]] = []
+        self._pending_file = Path(pending_file) if pending_file else None
+        self._retry_interval_s = retry_interval_s
+        self._next_try = 0.0
+        self._outage_since: float | None = None
+        self._flush(force=True)
 
+    # --- the protocol --------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)) for k, v in params.items()]
-        for i in range(0, len(items), self._MAX_PARAMS):
-            self._client.log_batch(self.run_id, params=items[i:i + self._MAX_PARAMS])
+        self._put({"op": "params", "params": {k: str(v) for k, v in params.items()}})
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(items), self._MAX_METRICS):
-            self._client.log_batch(self.run_id, metrics=items[i:i + self._MAX_METRICS])
+        self._put({"op": "metrics", "metrics": {k: float(v) for k, v in metrics.items()}, "step": int(step),
+                   "timestamp": int(time.time() * 1000)})
 
     def log_artifact(self, path: str | Path) -> None:
-        self._client.log_artifact(self.run_id, str(path))
+        self._put({"op": "artifact", "path": str(Path(path).resolve())})
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._client.set_terminated(self.run_id, status=status)
+        self._put({"op": "finish", "status": status}, force=True)
+        if self._queue:
+            log.warning("the MLflow server at %s is still unreachable: %d records are kept in %s; send them "
+                        "later with `dist-train import-tracking %s`", self.uri, len(self._queue),
+                        self._pending_file, self._pending_file)
+
+    def last_logged_step(self, key: str = "samples_seen") -> int:
+        """The last step at which ``key`` was logged in this run (0 if none or unreachable)."""
+        if self.run_id is None:
+            return 0
+        try:
+            return max((m.step for m in self._client.get_metric_history(self.run_id, key)), default=0)
+        except Exception as err:  # unreachable server: a resumed run may then log a step twice
+            log.warning("cannot read the logged steps of run %s (%s)", self.run_id, err)
+            return 0
+
+    # --- the queue -----------------------------------------------------------------------------
+    def _put(self, record: dict[str, Any], *, force: bool = False) -> None:
+        self._queue.append(record)
+        self._flush(force=force)
+        if self._queue and self._pending_file is not None:
+            self._write_pending()
+
+    def _flush(self, *, force: bool = False) -> None:
+        if not force and time.monotonic() < self._next_try:
+            return
+        try:
+            if self.run_id is None:
+                self.run_id = self._create_run()
+            elif self._continued:
+                self._client.update_run(self.run_id, status="RUNNING")
+                self._continued = False
+            while self._queue:
+                self._send(self._queue[0])
+                self._queue.pop(0)
+        except Exception as err:  # any failure to reach the store: keep training, keep the records
+            self._next_try = time.monotonic() + self._retry_interval_s
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+                log.warning("MLflow at %s is unreachable (%s); training goes on, records are queued and "
+                            "retried every %.0f s", self.uri, str(err).splitlines()[0][:200], self._retry_interval_s)
+            return
+        if self._outage_since is not None:
+            log.warning("MLflow at %s is reachable again after %.0f s; queued records sent", self.uri,
+                        time.monotonic() - self._outage_since)
+            self._outage_since = None
+            if self._pending_file is not None:
+                self._pending_file.unlink(missing_ok=True)
+
+    def _create_run(self) -> str:
+        experiment = self._client.get_experiment_by_name(self.cfg.experiment)
+        exp_id = experiment.experiment_id if experiment else self._client.create_experiment(self.cfg.experiment)
+        return self._client.create_run(exp_id, run_name=self.cfg.run_name or None).info.run_id
+
+    def _send(self, record: dict[str, Any]) -> None:
+        from mlflow.entities import Metric, Param
+
+        op = record["op"]
+        if op == "params":
+            items = [Param(k, v) for k, v in record["params"].items()]
+            for i in range(0, len(items), self._MAX_PARAMS):
+                self._client.log_batch(self.run_id, params=items[i:i + self._MAX_PARAMS])
+        elif op == "metrics":
+            items = [Metric(k, v, record["timestamp"], record["step"]) for k, v in record["metrics"].items()]
+            for i in range(0, len(items), self._MAX_METRICS):
+                self._client.log_batch(self.run_id, metrics=items[i:i + self._MAX_METRICS])
+        elif op == "artifact":
+            self._client.log_artifact(self.run_id, record["path"])
+        elif op == "finish":
+            self._client.set_terminated(self.run_id, status=record["status"])
+        else:
+            raise ValueError(f"unknown tracking record {op!r}")
+
+    def _write_pending(self) -> None:
+        header = {"op": "header", "tracking_uri": self.uri, "experiment": self.cfg.experiment,
+                  "run_name": self.cfg.run_name, "run_id": self.run_id}
+        tmp = self._pending_file.with_suffix(".tmp")
+        self._pending_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in [header, *self._queue]))
+        os.replace(tmp, self._pending_file)
 
 
-def build_tracker(cfg: TrackingConfig, *, is_main: bool, run_id: str | None = None) -> Tracker:
+def import_pending(pending_file: str | Path, *, tracking_uri: str | None = None) -> str:
+    """Send the records of a pending file (see ``MlflowTracker``); returns the run id they went to."""
+    lines = [json.loads(line) for line in Path(pending_file).read_text().splitlines() if line.strip()]
+    if not lines or lines[0].get("op") != "header":
+        raise ValueError(f"{pending_file} is not a dist_train pending-tracking file (no header line)")
+    header, records = lines[0], lines[1:]
+    cfg = TrackingConfig(tracking_uri=tracking_uri or header["tracking_uri"], experiment=header["experiment"],
+                         run_name=header["run_name"])
+    tracker = MlflowTracker(cfg, run_id=header["run_id"], retry_interval_s=0.0)
+    tracker._queue = records
+    tracker._flush(force=True)
+    if tracker._queue:
+        raise ConnectionError(f"MLflow at {tracker.uri} is still unreachable; {len(tracker._queue)} records not sent")
+    Path(pending_file).unlink()
+    return tracker.run_id
+
+
+def build_tracker(cfg: TrackingConfig, *, is_main: bool, run_id: str | None = None,
+                  pending_file: str | Path | None = None) -> Tracker:
     if not (is_main and cfg.enabled):
         return NullTracker()
-    return MlflowTracker(cfg, run_id=run_id)
+    return MlflowTracker(cfg, run_id=run_id, pending_file=pending_file)

@@ -34,6 +34,7 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
     from dist_train.data import loader
     from dist_train.data.shards import read_manifest
     from dist_train.distributed import seed_everything
+    from dist_train.faults import Preempted
     from dist_train.models import build_model
     from dist_train.optim import build_optimizer, set_hyperparams, slow_weights
     from dist_train.schedule import Schedule, optimizer_family
@@ -79,18 +80,25 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
     )
     run_id = _resume(trainer, cfg, checkpointer, run_dir)
     trainer.tracker = _start_tracking(cfg, info, run_dir, run_id)
+    trainer.logged_through_step = trainer.tracker.last_logged_step() if run_id else 0
     status = "FAILED"
     try:
         summary = trainer.fit()
+        summary["is_main"] = info.is_main
+        if info.is_main:
+            summary["mlflow_run_id"] = trainer.tracker.run_id
+            if trainer.tracker.run_id:  # known late if the server was down at the start
+                (run_dir / "mlflow_run_id").write_text(trainer.tracker.run_id)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            trainer.tracker.log_metrics({f"final/{k}": v for k, v in summary.items()
+                                         if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                                        step=trainer.progress.step)
         status = "FINISHED"
+    except Preempted:
+        status = "KILLED"  # continued under the same run id when the job restarts
+        raise
     finally:
         trainer.tracker.finish(status)
-    summary["is_main"] = info.is_main
-    if info.is_main:
-        summary["mlflow_run_id"] = trainer.tracker.run_id
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        trainer.tracker.log_metrics({f"final/{k}": v for k, v in summary.items() if isinstance(v, (int, float))},
-                                    step=trainer.progress.step)
     return summary
 
 
@@ -126,7 +134,8 @@ def _resume(trainer: Any, cfg: Config, checkpointer: Any, run_dir: Path) -> str 
 def _start_tracking(cfg: Config, info: Any, run_dir: Path, run_id: str | None) -> Any:
     from dist_train.tracking import build_tracker
 
-    tracker = build_tracker(cfg.tracking, is_main=info.is_main, run_id=run_id)
+    tracker = build_tracker(cfg.tracking, is_main=info.is_main, run_id=run_id,
+                            pending_file=run_dir / "mlflow-pending.jsonl")
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_file = run_dir / "config.yaml"

@@ -189,6 +189,14 @@ def _ddp_norms_against_reference(rank: int, world_size: int) -> float:
             errors += [abs(float(m.small_sq_norm) / float(mean_local_sq) - 1),
                        abs(float(m.big_sq_norm) / float(mean_grad.square().sum()) - 1),
                        float((_flat_grads(ddp.module) - mean_grad).abs().max())]
+    x = torch.randn(4, 6, generator=gen)
+    for _ in range(2):  # two synchronising backwards and no measure() in between
+        ddp(x).sum().backward()
+    try:
+        probe.measure(global_batch_size=16)
+        errors.append(float("inf"))
+    except RuntimeError as err:
+        assert "2 synchronising backward(s)" in str(err)
     return max(errors)
 
 

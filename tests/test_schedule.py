@@ -98,9 +98,9 @@ def test_momentum_rule_starts_keep_the_noise_scale():
     g = [analytic_noise_scale(lr=3.2, global_batch_size=b, momentum=m, dataset_size=IMAGENET_N, family="sgd")
          for m, b in starts]
     assert g == pytest.approx([g[0]] * 3, rel=1e-12)
-    assert [momentum_rule_batch_size(0.9, 8192, new_momentum=m) for m, _ in starts] == [8192, 16384, 32768]
+    assert [momentum_rule_batch_size(8192, momentum=0.9, new_momentum=m) for m, _ in starts] == [8192, 16384, 32768]
     # Normalised momentum: beta does not enter g, so there is no batch to trade.
-    assert momentum_rule_batch_size(0.9, 8192, new_momentum=0.975, family="normalized") == 8192
+    assert momentum_rule_batch_size(8192, momentum=0.9, new_momentum=0.975, family="normalized") == 8192
 
 
 def test_momentum_rule_in_the_schedule():
@@ -153,7 +153,8 @@ def test_lr_scaling_rules():
 
 
 def test_batches_are_rounded_to_the_granularity_with_a_warning():
-    assert [round_to_granularity(b, 256) for b in (1, 127, 128, 640, 700)] == [256, 256, 256, 768, 768]
+    rounded = [round_to_granularity(b, batch_granularity=256) for b in (1, 127, 128, 640, 700)]
+    assert rounded == [256, 256, 256, 768, 768]
     cfg = ScheduleConfig(mode="increase_batch", milestones_epochs=(1,), factor=2.5)
     with pytest.warns(UserWarning, match="rounded to 768"):
         sched = Schedule(cfg, base_lr=0.1, base_momentum=0.9, base_global_batch_size=256, dataset_size=10_000,

@@ -57,7 +57,7 @@ class BatchSizeController:
         batch = self._global_batch_size
         if batch >= self.max_global_batch_size or b_simple <= self.cfg.margin * batch:
             return False
-        grown = max(round_to_granularity(batch * self.cfg.growth_factor, self.batch_granularity),
+        grown = max(round_to_granularity(batch * self.cfg.growth_factor, batch_granularity=self.batch_granularity),
                     batch + self.batch_granularity)
         self._global_batch_size = min(grown, self.max_global_batch_size)
         self._last_growth_step = step

@@ -60,7 +60,7 @@ def analytic_noise_scale(*, lr: float, global_batch_size: int, momentum: float, 
     return effective_lr(lr, momentum=momentum, family=family) * dataset_size / global_batch_size
 
 
-def lr_scale(ratio: float, scaling: str) -> float:
+def lr_scale(ratio: float, *, scaling: str) -> float:
     """The lr multiplier for a batch ``ratio`` times larger: 1 (none), ratio (linear) or sqrt(ratio)."""
     if scaling == "none":
         return 1.0
@@ -71,7 +71,7 @@ def lr_scale(ratio: float, scaling: str) -> float:
     raise ValueError(f"lr scaling {scaling!r} is not one of none, linear, sqrt")
 
 
-def round_to_granularity(global_batch_size: float, batch_granularity: int) -> int:
+def round_to_granularity(global_batch_size: float, *, batch_granularity: int) -> int:
     """The multiple of ``batch_granularity`` nearest to ``global_batch_size`` (halves round up), at least one."""
     if batch_granularity < 1:
         raise ValueError(f"batch_granularity={batch_granularity} must be >= 1 (micro_batch_size x world size)")
@@ -79,7 +79,7 @@ def round_to_granularity(global_batch_size: float, batch_granularity: int) -> in
     return multiples * batch_granularity
 
 
-def momentum_rule_batch_size(momentum: float, global_batch_size: int, *, new_momentum: float,
+def momentum_rule_batch_size(global_batch_size: int, *, momentum: float, new_momentum: float,
                              family: OptimizerFamily = "sgd", batch_granularity: int = 1) -> int:
     """The batch B' that keeps the noise scale when the momentum goes from ``momentum`` to ``new_momentum``.
 
@@ -93,4 +93,5 @@ def momentum_rule_batch_size(momentum: float, global_batch_size: int, *, new_mom
             raise ValueError(f"{name}={m} must be in [0, 1)")
     if family == "normalized":
         return global_batch_size
-    return round_to_granularity(global_batch_size * (1.0 - momentum) / (1.0 - new_momentum), batch_granularity)
+    return round_to_granularity(global_batch_size * (1.0 - momentum) / (1.0 - new_momentum),
+                                batch_granularity=batch_granularity)

@@ -71,14 +71,15 @@ class Schedule:
         self.dataset_size = dataset_size
         self.optimizer_family: OptimizerFamily = optimizer_family
         self.batch_granularity = batch_granularity
-        self.start_lr = base_lr * lr_scale(base_global_batch_size / cfg.reference_global_batch_size, cfg.lr_scaling)
+        self.start_lr = base_lr * lr_scale(base_global_batch_size / cfg.reference_global_batch_size,
+                                          scaling=cfg.lr_scaling)
         self.momentum = base_momentum
         self.start_global_batch_size = base_global_batch_size
         if cfg.momentum_rule_momentum is not None:
             # Trade momentum for batch at the same noise scale; the lr stays (THEORY section 1).
             self.momentum = cfg.momentum_rule_momentum
             self.start_global_batch_size = momentum_rule_batch_size(
-                base_momentum, base_global_batch_size, new_momentum=cfg.momentum_rule_momentum,
+                base_global_batch_size, momentum=base_momentum, new_momentum=cfg.momentum_rule_momentum,
                 family=optimizer_family, batch_granularity=batch_granularity)
         cap = cfg.max_global_batch_size
         if cap and self.start_global_batch_size > cap:
@@ -101,7 +102,7 @@ class Schedule:
         lr, batch = phase.lr, phase.global_batch_size
         if self.cfg.mode == "adaptive":
             batch = self._check_adaptive_batch(global_batch_size)
-            lr *= lr_scale(batch / self.start_global_batch_size, self.cfg.adaptive.lr_scaling)
+            lr *= lr_scale(batch / self.start_global_batch_size, scaling=self.cfg.adaptive.lr_scaling)
         elif global_batch_size is not None:
             raise ValueError(f"global_batch_size is decided by the schedule in mode {self.cfg.mode!r}; "
                              "pass it only in adaptive mode")
@@ -150,7 +151,7 @@ class Schedule:
         return phases
 
     def _rounded(self, wanted: float, milestone: int) -> int:
-        batch = round_to_granularity(wanted, self.batch_granularity)
+        batch = round_to_granularity(wanted, batch_granularity=self.batch_granularity)
         if abs(batch - wanted) > 0.01 * wanted:
             warnings.warn(f"schedule milestone {milestone}: global batch {wanted:g} rounded to {batch}, a multiple "
                           f"of micro_batch_size x world size = {self.batch_granularity}; the noise scale there "

@@ -168,7 +168,7 @@ class SlurmCluster:
             # No systemd or cgroups here: track processes by parentage, bind nothing.
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
-            "SchedulerParameters=batch_sched_delay=0", "SlurmdParameters=config_overrides",
+            "SchedulerParameters=batch_sched_delay=0,sched_interval=1", "SlurmdParameters=config_overrides",
             "AccountingStorageType=accounting_storage/slurmdbd", "AccountingStorageHost=127.0.0.1",
             f"AccountingStoragePort={self.ports['slurmdbd']}",
             # The slurmctld <-> slurmdbd link ignores AuthInfo; it reads the munge socket from here.

@@ -24,6 +24,7 @@ Per step, for the trainer (DDP)::
     noise.update(probe.measure(global_batch_size=B))  # after the synced backward, on every rank
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -203,25 +204,29 @@ class AccumulationNoiseScaleProbe:
 
     A hook on a leaf tensor sees the gradient of the current backward before it is added to ``.grad``,
     i.e. one micro-batch's gradient: its squared norm costs one read of the gradients per micro-step,
-    no copy. Every backward through the parameters between two ``measure()`` calls is counted, so run
-    evaluation under ``torch.no_grad()``; ``remove()`` takes the hooks off.
+    no copy. ``after_micro_backward()`` closes a micro-step; a backward left unclosed (a step without
+    accumulation, which is not measured) is dropped when the next backward reaches the same parameter,
+    so nothing piles up. ``remove()`` takes the hooks off.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter]):
         self.params = [p for p in params if p.requires_grad]
-        self._pending: list[torch.Tensor] = []  # squared norms of parameter gradients since the last micro-step
+        # Squared norms of this backward's parameter gradients, by parameter index, until after_micro_backward().
+        self._pending: dict[int, torch.Tensor] = {}
         self._micro_sq_norms: list[torch.Tensor] = []
-        self._handles = [p.register_hook(self._record) for p in self.params]
+        self._handles = [p.register_hook(functools.partial(self._record, i)) for i, p in enumerate(self.params)]
 
-    def _record(self, grad: torch.Tensor) -> None:
-        self._pending.append(squared_norm(grad))
+    def _record(self, index: int, grad: torch.Tensor) -> None:
+        if index in self._pending:  # a new backward, and the previous one was never closed: drop it
+            self._pending.clear()
+        self._pending[index] = squared_norm(grad)
 
     def after_micro_backward(self) -> None:
         """Call right after each micro-step's ``backward()``; grads accumulate and are zeroed between steps."""
         if not self._pending:
             raise RuntimeError("no parameter gradient was seen since the last micro-step; call "
                                "after_micro_backward() once after each backward through the model")
-        self._micro_sq_norms.append(torch.stack(self._pending).sum())
+        self._micro_sq_norms.append(torch.stack(list(self._pending.values())).sum())
         self._pending.clear()
 
     def measure(self, *, micro_batch_size: int) -> NoiseMeasurement:

@@ -112,6 +112,30 @@ def test_ground_truth_ids_with_devkit_meta_mat(tmp_path):
     assert labels == ["n01440764", "n02119789", "n01440764"]
 
 
+def test_flat_val_with_devkit_files_found_automatically(imagenet_src, tmp_path):
+    from scipy.io import savemat
+
+    src = tmp_path / "imagenet"
+    shutil.copytree(imagenet_src, src, ignore=shutil.ignore_patterns("*.csv"))
+    devkit = src / "ILSVRC2012_devkit_t12" / "data"
+    devkit.mkdir(parents=True)
+    wnids = sorted(p.name for p in (src / "train").iterdir())
+    id_order = wnids[::-1]  # ILSVRC2012 ids are not in sorted wnid order
+    synsets = np.zeros(len(id_order), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+    for i, wnid in enumerate(id_order):
+        synsets[i] = (i + 1, wnid, 0)
+    savemat(devkit / "meta.mat", {"synsets": synsets})
+    truth = [id_order.index(_val_wnid(imagenet_src, p)) + 1 for p in sorted((src / "val").glob("*.JPEG"))]
+    (devkit / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{i}\n" for i in truth))
+    manifest = imagenet.write_imagenet_shards(src, tmp_path / "out", splits=("val",), progress=False)
+    expected = {p.stem: wnids.index(_val_wnid(imagenet_src, p)) for p in (src / "val").glob("*.JPEG")}
+    from webdataset.tariterators import tarfile_samples
+
+    got = {s["__key__"]: int(s["cls"]) for s in tarfile_samples(
+        [{"url": u} for u in shard_paths(tmp_path / "out", "val", manifest)])}
+    assert got == expected
+
+
 def test_sorted_synset_mapping_is_refused_for_ground_truth_ids(tmp_path):
     (tmp_path / "LOC_synset_mapping.txt").write_text("n01440764 tench\nn01443537 goldfish\n")
     (tmp_path / "gt.txt").write_text("1\n2\n")

@@ -153,6 +153,16 @@ def test_accumulation_probe_norms_are_exact():
     mlp(xs[0]).sum().backward()
     with pytest.raises(RuntimeError, match="unmarked backward"):
         probe.measure(micro_batch_size=4)
+    # Unclosed backwards (steps without accumulation) are dropped, not piled up into the next micro-step.
+    for _ in range(3):
+        mlp(xs[1]).sum().backward()
+    assert len(probe._pending) == len(probe.params)
+    mlp.zero_grad(set_to_none=True)
+    for x in xs:
+        (mlp(x).square().mean() / 3).backward()
+        probe.after_micro_backward()
+    again = probe.measure(micro_batch_size=4)
+    assert float(again.small_sq_norm) == pytest.approx(float(expected_small), rel=1e-5)
     probe.remove()
 
 

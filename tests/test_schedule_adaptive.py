@@ -78,3 +78,40 @@ def test_arguments_are_checked():
     with pytest.raises(ValueError, match="<= max_global_batch_size"):
         BatchSizeController(AdaptiveConfig(), start_global_batch_size=128, max_global_batch_size=64,
                             batch_granularity=4)
+
+
+def test_adaptive_loop_grows_the_batch_up_to_the_measured_noise_scale():
+    """Linear regression with B_simple = 21 (see test_noise_scale): from 8 the batch grows to 16 and 32, then stops."""
+    import torch
+    from test_noise_scale import regression_loss, regression_model
+
+    from dist_train.config import from_dict
+    from dist_train.noise_scale import AccumulationNoiseScaleProbe, GradientNoiseScale
+    from dist_train.schedule import Schedule, ScheduleConfig
+
+    cfg = from_dict(ScheduleConfig, {"mode": "adaptive", "max_global_batch_size": 64,
+                                     "noise_scale": {"enabled": True, "ema_decay": 0.98},
+                                     "adaptive": {"min_steps_between_growths": 150, "lr_scaling": "linear"}})
+    micro = 4
+    sched = Schedule(cfg, base_lr=0.1, base_momentum=0.0, base_global_batch_size=8, dataset_size=10_000,
+                     optimizer_family="sgd", batch_granularity=micro)
+    ctl = BatchSizeController(cfg.adaptive, start_global_batch_size=sched.start_global_batch_size,
+                              max_global_batch_size=cfg.max_global_batch_size, batch_granularity=micro)
+    model, w_star = regression_model()  # held fixed: B_simple stays 21
+    probe = AccumulationNoiseScaleProbe(model.parameters())
+    noise = GradientNoiseScale(ema_decay=cfg.noise_scale.ema_decay)
+    gen = torch.Generator().manual_seed(0)
+    samples_seen, history = 0, []
+    for step in range(1, 601):
+        state = sched.state_at(samples_seen, global_batch_size=ctl.global_batch_size)
+        accum = state.global_batch_size // micro
+        model.zero_grad(set_to_none=True)
+        for _ in range(accum):
+            (regression_loss(model, w_star, micro, gen) / accum).backward()
+            probe.after_micro_backward()
+        noise.update(probe.measure(micro_batch_size=micro))
+        samples_seen += state.global_batch_size
+        if ctl.update(step=step, b_simple=noise.b_simple):
+            history.append((step, ctl.global_batch_size))
+    assert history == [(150, 16), (300, 32)]
+    assert sched.state_at(samples_seen, global_batch_size=32).lr == pytest.approx(0.4)  # linear: 0.1 x 32 / 8

@@ -158,3 +158,55 @@ def test_torchrun_command_single_and_multi_node():
     assert "--rdzv-backend=c10d" in multi and "--rdzv-endpoint=node0:29400" in multi and "--nnodes=4" in multi
     with pytest.raises(ValueError, match="rdzv-endpoint"):
         torchrun_command(None, [], nproc_per_node=8, nnodes=4)
+
+
+# --- the real trainer on the cluster -----------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _train_overrides(shards, tmp_path, *, max_steps, every):
+    return [f"data.shards={shards}", f"train.max_steps={max_steps}", "train.epochs=100", "train.log_every_steps=1",
+            "train.progress_bar=false", f"checkpoint.every_steps={every}", f"train.run_dir={tmp_path / 'run'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=slurm"]
+
+
+def _logged_steps(tmp_path, key="train/loss"):
+    from mlflow.tracking import MlflowClient
+
+    run_id = (tmp_path / "run" / "mlflow_run_id").read_text().strip()
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    return [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)], client.get_run(run_id)
+
+
+@pytest.mark.slurm
+def test_two_task_training_job_completes_and_is_tracked(slurm_cluster, small_shards, tmp_path):
+    res = slurm.SlurmResources(time_min=5, partition=slurm_cluster.partition, tasks_per_node=2)
+    jobs = slurm.plan_jobs(str(REPO / "configs/demo.yaml"), _train_overrides(small_shards, tmp_path, max_steps=6,
+                                                                             every=3), world_size=2)
+    handles = slurm.submit(slurm.make_executor("slurm", tmp_path / "slurm" / "%j", res), jobs)
+    summaries = _results(handles[0], slurm_cluster, timeout_s=300)
+    assert [s["step"] for s in summaries] == [6, 6] and [s["is_main"] for s in summaries] == [True, False]
+    steps, run = _logged_steps(tmp_path)
+    assert steps == [1, 2, 3, 4, 5, 6] and run.info.status == "FINISHED"
+    assert run.data.params["world_size"] == "2" and "eval/acc1" in run.data.metrics
+
+
+@pytest.mark.slurm
+def test_preempted_training_job_requeues_resumes_and_logs_each_step_once(slurm_cluster, small_shards, tmp_path):
+    res = slurm.SlurmResources(time_min=5, partition=slurm_cluster.partition, tasks_per_node=2)
+    jobs = slurm.plan_jobs(str(REPO / "configs/demo.yaml"), _train_overrides(small_shards, tmp_path, max_steps=40,
+                                                                             every=4), world_size=2)
+    handles = slurm.submit(slurm.make_executor("slurm", tmp_path / "slurm" / "%j", res), jobs)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000008"
+    deadline = time.monotonic() + 240
+    while not checkpoint.is_dir():
+        assert time.monotonic() < deadline and not handles[0].done(), f"no checkpoint:\n{handles[0].stderr()}"
+        time.sleep(0.2)
+    slurm_cluster.cli("scancel", "--signal=USR2", handles[0].job_id)
+    summaries = _results(handles[0], slurm_cluster, timeout_s=400)
+    assert [s["step"] for s in summaries] == [40, 40]
+    steps, run = _logged_steps(tmp_path)
+    assert steps == list(range(1, 41)) and run.info.status == "FINISHED"  # every step once, one run
+    logs = handles[0].paths.stderr.read_text()
+    assert "resumed from" in logs, logs[-3000:]

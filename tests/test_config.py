@@ -79,3 +79,9 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert to_dict(cfg)["train"]["global_batch_size"] == cfg.train.global_batch_size
+
+
+def test_non_finite_numbers_are_errors():
+    for text in ("optim.lr=.nan", "optim.lr=.inf", "train.epochs=-.inf"):
+        with pytest.raises(ConfigError, match="is not a finite number"):
+            load_config(None, [text])

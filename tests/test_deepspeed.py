@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,9 +19,9 @@ from dist_train.backends import build_backend
 from dist_train.config import BackendConfig, TrainConfig
 from dist_train.distributed import DistInfo
 from dist_train.noise_scale import GradientNoiseScale
-from dist_train.optim import build_optimizer
+from dist_train.optim import build_optimizer, slow_weights
 from dist_train.optim.config import LookaheadConfig, OptimConfig
-from harness import ListSchedule, global_batches, make_trainer, rank_stream, tiny_net
+from harness import ListSchedule, global_batches, make_trainer, params_of, rank_stream, tiny_net
 from multiproc import run_ranks
 
 pytest.importorskip("deepspeed")
@@ -70,28 +71,47 @@ def _train(trainer, steps: int) -> list[tuple[float, float]]:
 
 # --- the scenarios, run once on 2 ranks ----------------------------------------------------------
 def _equivalence(rank, world_size, batches, run_dir):
-    out = {}
+    out, trainers = {}, {}
     for name, (optim, zero_stage, clip) in RUNS.items():
-        reference = f"ddp-{optim.name}-{optim.lookahead is not None}-{clip}"
+        reference = _reference_name(optim, clip)
         if reference not in out:
-            out[reference] = _train(_trainer(rank, world_size, batches, optim, clip=clip), len(batches))
+            trainers[reference] = _trainer(rank, world_size, batches, optim, clip=clip, run_dir=f"{run_dir}/ddp")
+            out[reference] = _train(trainers[reference], len(batches))
         if name != "zero2-lookahead":
-            out[name] = _train(_trainer(rank, world_size, batches, optim, "deepspeed", zero_stage, clip),
-                               len(batches))
+            trainers[name] = _trainer(rank, world_size, batches, optim, "deepspeed", zero_stage, clip,
+                                      run_dir=f"{run_dir}/{name}")
+            out[name] = _train(trainers[name], len(batches))
     # The Lookahead run also checkpoints at RESUME_AT, and a fresh engine (other initial weights) resumes.
     optim, zero_stage, clip = RUNS["zero2-lookahead"]
-    trainer = _trainer(rank, world_size, batches, optim, "deepspeed", zero_stage, clip, run_dir=run_dir)
+    trainer = _trainer(rank, world_size, batches, optim, "deepspeed", zero_stage, clip, run_dir=f"{run_dir}/resume")
     out["zero2-lookahead"] = _train(trainer, RESUME_AT)
-    path = trainer.save_checkpoint()
-    out["saved_module"] = {k: v.detach().clone() for k, v in trainer.backend.module.state_dict().items()}
+    out["checkpoints"] = {"zero2-lookahead": _save(trainer)}
     out["zero2-lookahead"] += _train(trainer, len(batches) - RESUME_AT)
-    resumed = _trainer(rank, world_size, batches, optim, "deepspeed", zero_stage, clip, run_dir=run_dir,
-                       model_seed=1)
-    resumed.load_checkpoint(path)
+    resumed = _trainer(rank, world_size, batches, optim, "deepspeed", zero_stage, clip,
+                       run_dir=f"{run_dir}/resume", model_seed=1)
+    resumed.load_checkpoint(Path(out["checkpoints"]["zero2-lookahead"][0]))
     out["resumed_progress"] = resumed.progress.state_dict()
     out["resumed"] = _train(resumed, len(batches) - RESUME_AT)
-    out["checkpoint"] = str(path)
+    # Lookahead's slow weights in the model, through the backend (ZeRO: swap and all-gather) and in DDP.
+    with trainer.backend.slow_weights():
+        out["slow"] = {"deepspeed": params_of(trainer)}
+    out["fast_after_slow"] = params_of(trainer)
+    ddp = trainers[_reference_name(optim, clip)]
+    with slow_weights(ddp.backend.optimizer):
+        out["slow"]["ddp"] = params_of(ddp)
+    out["fast"] = {"deepspeed": params_of(trainer), "ddp": params_of(ddp)}
+    for name in ("zero0-sgd-clip", _reference_name(SGD, 1.0)):  # ZeRO-0 and DDP checkpoints, for export
+        out["checkpoints"][name] = _save(trainers[name])
     return out
+
+
+def _reference_name(optim, clip):
+    return f"ddp-{optim.name}-{'lookahead' if optim.lookahead else 'plain'}-{clip}"
+
+
+def _save(trainer):
+    path = trainer.save_checkpoint()
+    return str(path), {k: v.detach().clone() for k, v in trainer.backend.module.state_dict().items()}
 
 
 def _bf16(rank, world_size, batches):
@@ -195,7 +215,7 @@ def scenarios(tmp_path_factory):
 def test_deepspeed_matches_ddp_with_the_same_optimizer(scenarios, name):
     runs = scenarios[0]["equivalence"]
     optim, _, clip = RUNS[name]
-    reference = torch.tensor(runs[f"ddp-{optim.name}-{optim.lookahead is not None}-{clip}"])
+    reference = torch.tensor(runs[_reference_name(optim, clip)])
     result = torch.tensor(runs[name])
     assert len(result) == len(SIZES) >= 20
     torch.testing.assert_close(result[:, 0], reference[:, 0], rtol=1e-5, atol=0)  # losses
@@ -215,17 +235,24 @@ def test_resume_from_a_deepspeed_checkpoint_continues_the_uninterrupted_run(scen
                                rtol=1e-6, atol=0)  # losses and gradient norms
 
 
-def test_export_writes_the_fp32_weights_of_a_zero_checkpoint(scenarios, tmp_path):
+@pytest.mark.parametrize("name", ["zero2-lookahead", "zero0-sgd-clip", _reference_name(SGD, 1.0)])
+def test_export_writes_the_weights_of_a_checkpoint_as_a_plain_state_dict(scenarios, name, tmp_path):
     from dist_train.backends.export import export_state_dict
 
-    runs = scenarios[0]["equivalence"]
-    out = export_state_dict(runs["checkpoint"], tmp_path / "model.pt")
-    exported = torch.load(out, weights_only=True)
-    model = tiny_net()
-    model.load_state_dict(exported, strict=True)
-    assert exported.keys() == runs["saved_module"].keys()
-    for key, value in runs["saved_module"].items():
+    path, saved = scenarios[0]["equivalence"]["checkpoints"][name]
+    exported = torch.load(export_state_dict(path, tmp_path / "model.pt"), weights_only=True)
+    tiny_net().load_state_dict(exported, strict=True)
+    assert exported.keys() == saved.keys()
+    for key, value in saved.items():
         torch.testing.assert_close(exported[key], value, rtol=0, atol=0)
+
+
+def test_lookahead_slow_weights_reach_the_model_under_zero(scenarios):
+    runs = scenarios[0]["equivalence"]
+    torch.testing.assert_close(runs["slow"]["deepspeed"], runs["slow"]["ddp"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(runs["fast"]["deepspeed"], runs["fast"]["ddp"], rtol=0, atol=1e-5)
+    assert torch.equal(runs["fast_after_slow"], runs["fast"]["deepspeed"])  # the fast weights come back
+    assert (runs["slow"]["ddp"] - runs["fast"]["ddp"]).abs().max() > 1e-3  # and they differ from the slow
 
 
 def test_export_command_is_registered():

@@ -87,6 +87,14 @@ def _val_wnid(src: Path, path: Path) -> str:
         return {r["ImageId"]: r["PredictionString"].split()[0] for r in csv.DictReader(f)}[path.stem]
 
 
+def test_splits_written_one_at_a_time_share_one_manifest(imagenet_src, tmp_path):
+    imagenet.write_imagenet_shards(imagenet_src, tmp_path, splits=("train",), samples_per_shard=10, progress=False)
+    manifest = imagenet.write_imagenet_shards(imagenet_src, tmp_path, splits=("val",), samples_per_shard=10,
+                                              progress=False)
+    assert sorted(manifest["splits"]) == ["train", "val"]
+    verify(tmp_path)
+
+
 def test_shard_size_target_splits_further(imagenet_src, tmp_path):
     total = sum(p.stat().st_size for p in (imagenet_src / "train").rglob("*.JPEG"))
     manifest = imagenet.write_imagenet_shards(

@@ -150,7 +150,7 @@ class Trainer:
             with PreemptionGuard() as guard:
                 while not self._done():
                     state = self._schedule_state()
-                    preempt = self.train_step(state, preempt_requested=guard.requested)
+                    preempt = self.train_step(state, guard=guard)
                     self._after_step(state)
                     if preempt:
                         path = self.save_checkpoint()
@@ -189,7 +189,7 @@ class Trainer:
         return self.schedule.state_at(self.progress.samples_seen,
                                       global_batch_size=self.batch_controller.global_batch_size)
 
-    def train_step(self, state: Any, *, preempt_requested: bool = False) -> bool:
+    def train_step(self, state: Any, *, guard: PreemptionGuard | None = None) -> bool:
         """One optimizer step at the schedule's ``state``: exactly ``state.global_batch_size`` samples.
 
         Returns whether any rank asked to stop (preemption), agreed across ranks."""
@@ -213,7 +213,8 @@ class Trainer:
             if measurement is not None:
                 self.noise.update(measurement)
         # One small all-reduce (and host sync) per step: every rank must skip, stop or go on together.
-        nonfinite, preempt = step_flags(loss_sum=step_loss, preempt_requested=preempt_requested,
+        # Read the flag now, not when the step began: a signal during the step stops after it.
+        nonfinite, preempt = step_flags(loss_sum=step_loss, preempt_requested=bool(guard and guard.requested),
                                         all_reduce=backend.all_reduce)
         if nonfinite:
             self._on_nonfinite_loss()

@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from dist_train.backends.base import Backend, OptimizerFactory
+from dist_train.checkpoint import CheckpointError
 from dist_train.distributed import DistInfo
 from dist_train.noise_scale import NoiseMeasurement
 
@@ -121,6 +124,12 @@ class DeepSpeedBackend(Backend):
                              f"{self.info.device}; set DS_ACCELERATOR={self.info.device.type} (or train.device)")
         _ensure_process_group(self.info)
         module = model.to(self.info.device)
+        # ZeRO turns every parameter into a view of a flat buffer, in the default layout, and DeepSpeed's
+        # broadcast of bf16 parameters needs exactly those strides (contiguous() keeps the channels_last
+        # strides of a 1x1 conv). With model.channels_last the activations stay channels_last: they
+        # follow the input's layout.
+        for p in module.parameters():
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
         self._client_optimizer = make_optimizer(module)
         # dist_init_required=False: the process group exists (torchrun/SLURM via dist_train.distributed,
         # or the one-rank group above); DeepSpeed wraps it instead of starting its own.
@@ -129,6 +138,11 @@ class DeepSpeedBackend(Backend):
         if self.precision != "fp32":
             _cast_at_the_boundary(self._engine.module, dtype=torch.bfloat16 if self.precision == "bf16"
                                   else torch.float16)
+        lookahead = hasattr(self._client_optimizer, "slow_weights")
+        if lookahead and not self._steps_module_directly() and self._refresh_module() is None:
+            raise ValueError(f"optim.lookahead with backend.zero_stage=0 and train.precision={self.precision}: "
+                             f"DeepSpeed's {type(self._engine.optimizer).__name__} keeps the fp32 weights where "
+                             "Lookahead's slow weights cannot be evaluated; use backend.zero_stage=1 or 2")
 
     @property
     def model(self) -> nn.Module:
@@ -143,22 +157,15 @@ class DeepSpeedBackend(Backend):
         # The client optimizer, not DeepSpeed's wrapper: its param_groups are the ones DeepSpeed steps.
         return self._client_optimizer
 
-    @property
-    def engine(self) -> Any:
-        """The ``deepspeed.DeepSpeedEngine``, for what the interface does not cover."""
-        return self._engine
-
     # --- one step ----------------------------------------------------------------------------
     def set_global_batch_size(self, global_batch_size: int) -> int:
         accum_steps = super().set_global_batch_size(global_batch_size)  # the clear error if B does not divide
         self._engine.set_train_batch_size(global_batch_size)
         return accum_steps
 
-    def grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
-        return self._boundary(enabled)
-
     @contextlib.contextmanager
-    def _boundary(self, enabled: bool) -> Iterator[None]:
+    def grad_sync(self, enabled: bool) -> Iterator[None]:
+        # The trainer, not DeepSpeed's micro-step counter, says which backward ends the step.
         self._engine.set_gradient_accumulation_boundary(enabled)
         yield
 
@@ -180,7 +187,8 @@ class DeepSpeedBackend(Backend):
         self._engine.step()
         if norm is None:
             norm = self._engine.get_global_grad_norm()  # before clipping, of the averaged gradient
-        return torch.as_tensor(norm, dtype=torch.float32).detach()
+        # None if a JSON override turned zero_optimization.compute_grad_norm off.
+        return torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float32).detach()
 
     def _steps_module_directly(self) -> bool:
         """ZeRO-0 in fp32: DeepSpeed steps our optimizer on the module's parameters and records no norm."""
@@ -246,17 +254,17 @@ class DeepSpeedBackend(Backend):
             with swap() if swap is not None else contextlib.nullcontext():
                 yield
             return
-        refresh = getattr(self._engine.optimizer, "update_lp_params", None)
-        if refresh is None:
-            raise ValueError(f"Lookahead's slow weights cannot be swapped into the model under "
-                             f"{type(self._engine.optimizer).__name__} (zero_stage=0 with {self.precision}); "
-                             "use zero_stage >= 1")
+        refresh = self._refresh_module()
         try:
             with swap():
                 refresh()
                 yield
         finally:
             refresh()
+
+    def _refresh_module(self) -> Callable[[], None] | None:
+        """Copies the fp32 master weights into the module (collective), where DeepSpeed keeps them apart."""
+        return getattr(self._engine.optimizer, "update_lp_params", None)
 
     # --- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -297,7 +305,9 @@ class DeepSpeedBackend(Backend):
 
 
 def _ensure_process_group(info: DistInfo) -> None:
-    """DeepSpeed needs a process group even for one process; give it an in-memory one-rank group."""
+    """DeepSpeed needs a process group even for one process: an in-memory one-rank group then."""
+    # DeepSpeed reads LOCAL_RANK from the environment; a bare srun (or one process) does not set it.
+    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
     if dist.is_initialized():
         return
     if info.is_distributed:
@@ -343,9 +353,7 @@ class _MicroBatchGradSqNorms:
         return mean
 
 
-def _checkpoint_error(message: str) -> Exception:
-    from dist_train.checkpoint import CheckpointError
-
+def _checkpoint_error(message: str) -> CheckpointError:
     return CheckpointError(message + "; resume with the config it was written with, or start afresh in a new "
                            "train.run_dir (or checkpoint.resume=false)")
 

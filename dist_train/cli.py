@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     # A config file given as the only positional may actually be an override (``train optim.lr=1``).
     if getattr(args, "config", None) and "=" in args.config:
         args.overrides, args.config = [args.config, *args.overrides], None
+    from dist_train.checkpoint import CheckpointError
+    from dist_train.data.errors import ShardsNotFound, ShardVerificationError
     from dist_train.faults import PREEMPTED_EXIT_CODE, NonFiniteLoss, Preempted
 
     try:
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as err:
         print(f"dist-train: {err}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except NonFiniteLoss as err:
+    except (NonFiniteLoss, CheckpointError, ShardsNotFound, ShardVerificationError) as err:
         print(f"dist-train: {err}", file=sys.stderr)
         return 1
 

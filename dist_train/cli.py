@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     from dist_train.data.cli import add_make_shards_parser
 
     add_make_shards_parser(sub)
+    from dist_train.report import add_report_parser
+    from dist_train.backends.export import add_export_parser
+
+    add_export_parser(sub)
+
+    add_report_parser(sub)
     try:
         from dist_train.launch import add_launch_parser
     except ImportError:  # pragma: no cover - launch adapters not installed in this checkout

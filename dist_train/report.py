@@ -142,6 +142,20 @@ def _epochs_at(client: Any, run_id: str, steps: list[int]) -> tuple[float, ...]:
     return tuple(float(e) for e in np.interp(steps, logged_steps, logged_epochs))
 
 
+def _curve(client: Any, run: Any, group_by: Sequence[str]) -> RunCurve | None:
+    """``run``'s accuracy history, or None (with a warning) when it never evaluated."""
+    info, params = run.info, run.data.params
+    history = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(info.run_id, ACCURACY_METRIC))
+    if not history:
+        log.warning("run %s (%s) has no %s: left out", info.run_id, info.run_name, ACCURACY_METRIC)
+        return None
+    by_step = {step: value for step, _, value in history}  # a step evaluated twice (a resumed run): the latest
+    steps = sorted(by_step)
+    return RunCurve(run_id=info.run_id, group=tuple(params.get(key, MISSING) for key in group_by),
+                    seed=params.get(SEED_PARAM, MISSING), steps=tuple(steps),
+                    epochs=_epochs_at(client, info.run_id, steps), acc1=tuple(by_step[s] for s in steps))
+
+
 def load_runs(client: Any, *, experiments: Sequence[str], filter_string: str = "",
               group_by: Sequence[str] = DEFAULT_GROUP_BY, include_unfinished: bool = False) -> list[RunCurve]:
     """The runs of ``experiments`` that match ``filter_string`` (MLflow search syntax), as curves.
@@ -149,32 +163,25 @@ def load_runs(client: Any, *, experiments: Sequence[str], filter_string: str = "
     Skipped with a warning: runs that are not FINISHED (unless ``include_unfinished``), runs without any
     ``eval/acc1``, and all but the latest started of several runs with the same group and seed.
     """
-    curves: dict[tuple[tuple[str, ...], str], tuple[int, RunCurve]] = {}
+    latest: dict[tuple[tuple[str, ...], str], tuple[int, RunCurve]] = {}
     for run in _search_runs(client, _experiment_ids(client, experiments), filter_string):
-        info, params = run.info, run.data.params
         if REPORT_TAG in run.data.tags:
             continue
-        if info.status != "FINISHED" and not include_unfinished:
-            log.warning("run %s (%s) is %s: left out (pass --include-unfinished to keep it)", info.run_id,
-                        info.run_name, info.status)
+        if run.info.status != "FINISHED" and not include_unfinished:
+            log.warning("run %s (%s) is %s: left out (pass --include-unfinished to keep it)", run.info.run_id,
+                        run.info.run_name, run.info.status)
             continue
-        history = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(info.run_id, ACCURACY_METRIC))
-        if not history:
-            log.warning("run %s (%s) has no %s: left out", info.run_id, info.run_name, ACCURACY_METRIC)
+        curve = _curve(client, run, group_by)
+        if curve is None:
             continue
-        by_step = {step: value for step, _, value in history}  # the latest record of a step wins
-        steps = sorted(by_step)
-        group = tuple(params.get(key, MISSING) for key in group_by)
-        curve = RunCurve(run_id=info.run_id, group=group, seed=params.get(SEED_PARAM, MISSING), steps=tuple(steps),
-                         epochs=_epochs_at(client, info.run_id, steps), acc1=tuple(by_step[s] for s in steps))
-        key = (group, curve.seed)
-        if key in curves:
-            log.warning("runs %s and %s share %s and seed %s: keeping the later one", curves[key][1].run_id,
-                        curve.run_id, dict(zip(group_by, group)), curve.seed)
-            if curves[key][0] > info.start_time:
+        key = (curve.group, curve.seed)
+        if key in latest:
+            log.warning("runs %s and %s share %s and seed %s: keeping the one started later", latest[key][1].run_id,
+                        curve.run_id, dict(zip(group_by, curve.group)), curve.seed)
+            if latest[key][0] > run.info.start_time:
                 continue
-        curves[key] = (info.start_time, curve)
-    return [curve for _, curve in curves.values()]
+        latest[key] = (run.info.start_time, curve)
+    return [curve for _, curve in latest.values()]
 
 
 def summarise(runs: Sequence[RunCurve]) -> tuple[GroupSummary, ...]:
@@ -263,7 +270,7 @@ def plot_accuracy(groups: Sequence[GroupSummary], *, group_by: Sequence[str], x_
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 5.5), dpi=120, layout="constrained")
+    fig = Figure(figsize=(12, 5.5), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     colors = colormaps["tab10" if len(groups) <= 10 else "tab20"]
@@ -280,9 +287,9 @@ def plot_accuracy(groups: Sequence[GroupSummary], *, group_by: Sequence[str], x_
                 label=f"{group_label(g.group, group_by)} ({len(runs)} seeds)")
     ax.set_xlabel("epochs" if x_axis == "epochs" else "parameter updates (optimizer steps)")
     ax.set_ylabel("test top-1 accuracy (%)")
-    ax.set_title(title)
+    ax.set_title(f"{title}\nmean over seeds; band: lowest to highest seed", fontsize="medium")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small", loc="lower right")
+    fig.legend(fontsize="small", loc="outside right upper")  # beside the axes: never over a curve
     fig.savefig(path)
     return path
 

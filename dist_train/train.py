@@ -36,7 +36,7 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
     from dist_train.distributed import seed_everything
     from dist_train.faults import Preempted
     from dist_train.models import build_model
-    from dist_train.optim import build_optimizer, set_hyperparams, slow_weights
+    from dist_train.optim import build_optimizer, set_hyperparams
     from dist_train.schedule import Schedule, optimizer_family
     from dist_train.trainer import Normalise, Trainer
 
@@ -74,7 +74,7 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
                                                    world_size=info.world_size),
         normalise=Normalise(mean, std, device=info.device, channels_last=cfg.model.channels_last),
         dataset_size=dataset_size, tracker=None, checkpointer=checkpointer,
-        eval_weights=lambda: slow_weights(backend.optimizer),
+        eval_weights=backend.slow_weights,
         max_bad_sample_fraction=cfg.data.max_bad_sample_fraction,
         checkpoint_every_steps=cfg.checkpoint.every_steps, noise=noise, batch_controller=controller,
     )

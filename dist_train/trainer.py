@@ -116,8 +116,9 @@ class Trainer:
                                       save_backend=self.backend.save_to)
 
     def load_checkpoint(self, path: Path) -> None:
+        rank_state = self.checkpointer.load_rank_state(path)  # checks checksums and world size first
         self.backend.load_from(path)
-        self.load_rank_state_dict(self.checkpointer.load_rank_state(path))
+        self.load_rank_state_dict(rank_state)
 
     # --- the loop ----------------------------------------------------------------------------
     def _total_samples(self) -> int:
@@ -159,6 +160,9 @@ class Trainer:
         finally:
             if self._bar is not None:
                 self._bar.close()
+            # Stop the DataLoader workers now. Left to interpreter exit, the join of the still-referenced
+            # workers can wait minutes for their watchdog (seen when the tracker was unreachable).
+            self._stream = None
         last_eval = self.evaluate()
         self.save_checkpoint()
         return {**last_eval, "step": self.progress.step, "samples_seen": self.progress.samples_seen,
@@ -202,8 +206,9 @@ class Trainer:
             batch = self._next_micro_batch()
             images, labels = self.normalise(batch["image"]), batch["label"].to(backend.info.device)
             with backend.grad_sync(i == accum_steps - 1):
-                logits = backend.model(images)
-                loss = F.cross_entropy(logits, labels)
+                with backend.autocast():
+                    logits = backend.model(images)
+                    loss = F.cross_entropy(logits.float(), labels)
                 backend.backward(loss / accum_steps)
             step_loss += loss.detach()
             self._window.add(loss.detach(), logits.detach(), labels, batch["bad_samples"])
@@ -282,7 +287,8 @@ class Trainer:
         with self.eval_weights():
             for batch in self.eval_loader_fn():
                 images, labels = self.normalise(batch["image"]), batch["label"].to(self.backend.info.device)
-                logits = module(images)
+                with self.backend.autocast():
+                    logits = module(images).float()
                 top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
                 hits = top5 == labels[:, None]
                 totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),

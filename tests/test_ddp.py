@@ -47,3 +47,22 @@ def test_accumulation_on_two_ranks_skips_the_all_reduce_until_the_last_micro_ste
     outs = run_ranks(_train, batches, 8, SGD, 2, world_size=2)
     for params, _, _ in outs:
         torch.testing.assert_close(params, whole[0], rtol=0, atol=1e-6)
+
+
+def _bf16_losses(rank, world_size, precision):
+    batches = global_batches(1, 32) * 12  # the same batch again and again: the loss must fall
+    trainer = make_trainer(rank, world_size, batches=batches, micro=16, optim=SGD,
+                           backend_options={"precision": precision})
+    losses = []
+    for _ in range(12):
+        trainer.train_step(trainer.schedule.state_at(trainer.progress.samples_seen))
+        losses.append(trainer._window.reduce(trainer.backend)["train/loss"])
+    return losses
+
+
+def test_bf16_autocast_on_two_ranks_trains():
+    bf16 = run_ranks(_bf16_losses, "bf16", world_size=2)[0]
+    fp32 = run_ranks(_bf16_losses, "fp32", world_size=2)[0]
+    assert bf16[-1] < 0.5 * bf16[0]
+    assert bf16 != fp32  # autocast really ran the forward in bf16
+    assert abs(bf16[-1] - fp32[-1]) < 0.1 * fp32[0]

@@ -1,11 +1,12 @@
-"""DeepSpeed ZeRO-1/2 on 2 gloo ranks against the DDP backend on the same global batches.
+"""DeepSpeed ZeRO-0/1/2 on 2 gloo ranks against the DDP backend on the same global batches.
 
 DeepSpeed is slow to start (import, engine set-up), so one pair of ranks runs every scenario once
-(``scenarios`` below, about a minute on 2 cores) and each test checks one behaviour of the results.
+(``scenarios`` below, 20-30 s on 2 shared cores) and each test checks one behaviour of the results.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -28,9 +29,9 @@ pytest.importorskip("deepspeed")
 
 MICRO = 8
 SIZES = [16] * 10 + [32] * 10  # the global batch doubles at step 10: accumulation goes from 1 to 2 micro-steps
-RESUME_AT = 12
+RESUME_AT = 8  # before the batch change, and mid-way through Lookahead's k=3 cycle (8 % 3 == 2)
 RADAM = OptimConfig(name="radam", lr=0.01, momentum=0.9, weight_decay=1e-4)
-LOOKAHEAD = replace(RADAM, lookahead=LookaheadConfig(k=3, alpha=0.5))  # resumed at 12, mid-way in a k-cycle
+LOOKAHEAD = replace(RADAM, lookahead=LookaheadConfig(k=3, alpha=0.5))
 SGD = OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4)
 RUNS = {  # name: (optimizer, ZeRO stage, train.grad_clip_norm); the norms are ~2, so 1.0 clips
     "zero0-sgd-clip": (SGD, 0, 1.0),
@@ -114,13 +115,59 @@ def _save(trainer):
     return str(path), {k: v.detach().clone() for k, v in trainer.backend.module.state_dict().items()}
 
 
+class PoisonOnce(torch.nn.Module):
+    """``net`` whose ``at_call``-th forward returns NaN logits: a non-finite loss on one rank."""
+
+    def __init__(self, net: torch.nn.Module, *, at_call: int):
+        super().__init__()
+        self.net, self.at_call, self.calls = net, at_call, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.net(x)
+        return out * math.nan if self.calls == self.at_call else out
+
+
+def _skip(rank, world_size, batches, run_dir):
+    """train.nonfinite_loss=skip: rank 0's loss is NaN in the first micro-step of step 3 (of 2 per step).
+
+    bf16 with fp32 gradient accumulation takes ZeRO's other gradient buffer (accumulated in place across
+    steps); its reference is the same run without step 3's batch."""
+    fp32_accum = Path(run_dir) / "fp32_accum.json"
+    fp32_accum.write_text('{"data_types": {"grad_accum_dtype": "fp32"}}')
+    runs = {"ddp": ("ddp", None, batches), "zero1": ("deepspeed", {"zero_stage": 1}, batches),
+            "zero2": ("deepspeed", {"zero_stage": 2}, batches)}
+    bf16 = {"zero_stage": 2, "precision": "bf16", "config_file": str(fp32_accum)}
+    runs["zero2-bf16"] = ("deepspeed", bf16, batches)
+    runs["zero2-bf16-without-step-3"] = ("deepspeed", bf16, batches[:2] + batches[3:])
+    out = {}
+    for name, (backend, options, data) in runs.items():
+        poison_at = 5 if rank == 0 and data is batches else -1
+        trainer = make_trainer(rank, world_size, batches=data, micro=MICRO, optim=RADAM, backend=backend,
+                               backend_options=options, model_fn=lambda: PoisonOnce(tiny_net(), at_call=poison_at))
+        trainer.cfg = replace(trainer.cfg, nonfinite_loss="skip")
+        out[name] = ([loss for loss, _ in _train(trainer, len(data))], trainer.progress.skipped_steps)
+    return out
+
+
+def bn_net() -> torch.nn.Module:
+    """BatchNorm (buffers), a 1x1 conv and channels_last: what a CIFAR ResNet brings to bf16."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 4, 1), torch.nn.Flatten(), torch.nn.Linear(4 * 13 * 13, 10))
+    return net.to(memory_format=torch.channels_last)
+
+
 def _bf16(rank, world_size, batches):
     out = {}
     for precision in ("fp32", "bf16"):
         trainer = make_trainer(rank, world_size, batches=batches, micro=MICRO, optim=RADAM, backend="deepspeed",
-                               backend_options={"zero_stage": 2, "precision": precision})
+                               backend_options={"zero_stage": 2, "precision": precision}, model_fn=bn_net)
         out[precision] = [loss for loss, _ in _train(trainer, len(batches))]
-        out[f"{precision}_param_dtype"] = next(trainer.backend.module.parameters()).dtype
+        module = trainer.backend.module.eval()  # evaluation calls the bare module with fp32 images
+        with torch.no_grad():
+            logits = module(torch.randn(2, 1, 28, 28))
+        out[f"{precision}_dtypes"] = (next(module.parameters()).dtype, logits.dtype)
     return out
 
 
@@ -200,6 +247,7 @@ def _scenarios(rank, world_size, run_dir):
     memorise = [global_batches(1, 32, seed=3)[0]] * 15  # one batch again and again: the loss must fall
     return {"equivalence": _equivalence(rank, world_size, batches, run_dir),
             "bf16": _bf16(rank, world_size, memorise),
+            "skip": _skip(rank, world_size, global_batches(6, 32, seed=7), run_dir),
             "noise": {stage: _noise(rank, world_size, signal_batches([32, 16, 32, 32, 32, 32]), stage)
                       for stage in (1, 2)}}
 
@@ -256,8 +304,6 @@ def test_lookahead_slow_weights_reach_the_model_under_zero(scenarios):
 
 
 def test_export_command_is_registered():
-    import argparse
-
     from dist_train.backends.export import add_export_parser
 
     parser = argparse.ArgumentParser()
@@ -266,10 +312,24 @@ def test_export_command_is_registered():
     assert (args.checkpoint, args.out) == ("runs/x/checkpoints/step-00000010", "model.pt")
 
 
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero2-bf16"])
+def test_a_skipped_non_finite_step_leaves_no_gradient_behind(scenarios, name):
+    runs = scenarios[0]["skip"]
+    losses, skipped = runs[name]
+    assert skipped == 1 and math.isnan(losses[2])
+    if name == "zero2-bf16":
+        reference = runs["zero2-bf16-without-step-3"][0]
+        torch.testing.assert_close(torch.tensor(losses[:2] + losses[3:]), torch.tensor(reference), rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(runs["ddp"][0]), rtol=1e-5, atol=0,
+                                   equal_nan=True)
+
+
 # --- bf16 ----------------------------------------------------------------------------------------
 def test_a_bf16_run_trains(scenarios):
     runs = scenarios[0]["bf16"]
-    assert runs["bf16_param_dtype"] == torch.bfloat16 and runs["fp32_param_dtype"] == torch.float32
+    assert runs["bf16_dtypes"] == (torch.bfloat16, torch.float32)  # bf16 weights, fp32 logits
+    assert runs["fp32_dtypes"] == (torch.float32, torch.float32)
     assert runs["bf16"][-1] < 0.8 * runs["bf16"][0]
     # bf16 forward and backward, fp32 master weights: the same run as fp32 up to bf16 rounding.
     torch.testing.assert_close(torch.tensor(runs["bf16"]), torch.tensor(runs["fp32"]), rtol=0.05, atol=0)
@@ -294,9 +354,12 @@ def test_noise_measurement_matches_gradients_computed_by_hand(scenarios, zero_st
 def test_json_overrides_merge_and_owned_keys_are_refused(tmp_path):
     from dist_train.backends.deepspeed import deepspeed_config
 
+    overrides = {"zero_optimization": {"reduce_bucket_size": 1000}, "data_types": {"grad_accum_dtype": "fp32"},
+                 "zero_force_ds_cpu_optimizer": False}
     config = deepspeed_config(micro_batch_size=8, world_size=2, zero_stage=2, precision="bf16", grad_clip_norm=1.0,
-                              overrides={"zero_optimization": {"reduce_bucket_size": 1000}, "zero_force_ds_cpu_optimizer": False})
-    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}
+                              overrides=overrides)
+    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}  # merged, not replaced
+    assert config["data_types"] == {"buffer_dtype": "bf16", "grad_accum_dtype": "fp32"}
     assert config["bf16"] == {"enabled": True} and config["gradient_clipping"] == 1.0
     assert config["train_batch_size"] == 16 and config["zero_force_ds_cpu_optimizer"] is False
     with pytest.raises(ValueError, match="train.micro_batch_size"):

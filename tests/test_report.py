@@ -84,7 +84,8 @@ def test_table_gives_mean_std_seeds_and_updates_per_group(store, tmp_path):
     assert b.runs[0].epochs == pytest.approx((1.0, 1.5, 3.0))
 
     table = (tmp_path / "out" / "results.md").read_text()
-    assert "| schedule.mode | optim.name | optim.lookahead.k | seeds | final test acc1 (%) | updates | epochs |" in table
+    header = "| schedule.mode | optim.name | optim.lookahead.k | seeds | final test acc1 (%) | updates | epochs |"
+    assert header in table
     assert "| decay_lr | sgd | - | 3 | 82.00 ± 2.00 | 300 | 3.00 |" in table
     assert "| increase_batch | radam | 5 | 3 | 72.00 ± 2.65 | 90 | 3.00 |" in table
 
@@ -95,7 +96,7 @@ def test_plots_are_real_pngs(store, tmp_path):
     pngs = [p for p in report.files if p.suffix == ".png"]
     assert [p.name for p in pngs] == ["acc_vs_epochs.png", "acc_vs_updates.png"]
     for png in pngs:
-        assert _png_size(png) == (1080, 660)  # 9 x 5.5 inches at 120 dpi
+        assert _png_size(png) == (1440, 660)  # 12 x 5.5 inches at 120 dpi
         assert png.stat().st_size > 20_000  # axes, two bands, two lines, legend: not an empty canvas
         from PIL import Image
 
@@ -119,7 +120,8 @@ def test_cli_writes_the_report_and_logs_it_to_mlflow(store, tmp_path, capsys):
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
     (run,) = client.search_runs([exp.experiment_id], "attributes.run_name = 'report'")
-    assert run.data.tags["dist_train.report"] == "true" and run.data.params["report.filter"] == "params.optim.name = 'sgd'"
+    assert run.data.tags["dist_train.report"] == "true"
+    assert run.data.params["report.filter"] == "params.optim.name = 'sgd'"
     assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "report")) == [
         "report/acc_vs_epochs.png", "report/acc_vs_updates.png", "report/results.md"]
 

@@ -61,6 +61,16 @@ class Backend(abc.ABC):
         self.global_batch_size = global_batch_size
         return self.accum_steps
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for the forward pass; backends that cast the model themselves need none."""
+        return _nothing()
+
+    def slow_weights(self) -> contextlib.AbstractContextManager:
+        """Context in which the module holds Lookahead's slow weights, for evaluation (collective)."""
+        from dist_train.optim import slow_weights
+
+        return slow_weights(self.optimizer)
+
     @abc.abstractmethod
     def grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-step's forward and backward; gradients are all-reduced only if ``enabled``."""

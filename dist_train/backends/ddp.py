@@ -14,6 +14,15 @@ from dist_train.noise_scale import AccumulationNoiseScaleProbe, DDPNoiseScalePro
 
 
 class DDPBackend(Backend):
+    def __init__(self, info, *, micro_batch_size: int, precision: str = "fp32"):
+        super().__init__(info, micro_batch_size=micro_batch_size)
+        self.precision = precision
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision != "bf16":
+            return _nothing()
+        return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
+
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
         self._module = model.to(self.info.device)
         if self.info.is_distributed:

@@ -64,6 +64,9 @@ def deepspeed_config(*, micro_batch_size: int, world_size: int, zero_stage: int,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},  # 0: dynamic
         "gradient_clipping": grad_clip_norm,
+        # DeepSpeed casts parameters to bf16/fp16 but now leaves buffers alone; BatchNorm then fails on
+        # bf16 weights with fp32 running statistics. Cast the buffers too, as module.bfloat16() would.
+        "data_types": {"buffer_dtype": precision} if precision != "fp32" else {},
         # Our optimizers (RAdam, Lookahead, QHM) are plain torch optimizers DeepSpeed has not listed.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": None,
@@ -73,13 +76,11 @@ def deepspeed_config(*, micro_batch_size: int, world_size: int, zero_stage: int,
         if key in OWNED_KEYS:
             raise ValueError(f"backend.deepspeed_config sets {key!r}, which dist_train derives from "
                              f"{OWNED_KEYS[key]}; remove it from the JSON file and set that instead")
-        if key == "zero_optimization" and isinstance(value, dict):
-            if value.get("stage", zero_stage) != zero_stage:
-                raise ValueError(f"backend.deepspeed_config sets zero_optimization.stage={value['stage']}; "
-                                 "set backend.zero_stage instead")
-            config[key] = {**config[key], **value}
-        else:
-            config[key] = value
+        if key == "zero_optimization" and isinstance(value, dict) and value.get("stage", zero_stage) != zero_stage:
+            raise ValueError(f"backend.deepspeed_config sets zero_optimization.stage={value['stage']}; "
+                             "set backend.zero_stage instead")
+        both_dicts = isinstance(value, dict) and isinstance(config.get(key), dict)
+        config[key] = {**config[key], **value} if both_dicts else value
     return config
 
 
@@ -175,6 +176,24 @@ class DeepSpeedBackend(Backend):
         if self._noise is not None:
             self._noise.micro_steps += 1
 
+    def discard_gradients(self) -> None:
+        """Drop this step's gradients without an update (a skipped non-finite step). ZeRO holds the reduced
+        gradient partition apart from ``.grad``; this clears it the way ZeRO's own step does when it skips an
+        overflowed fp16 step (DeepSpeed has no public call for it)."""
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
+
+        optimizer = self._engine.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        if not isinstance(optimizer, DeepSpeedZeroOptimizer):
+            return  # ZeRO-0: the gradients live in .grad (fp32) or in the wrapper's .grad copies
+        optimizer.micro_step_id = INITIAL_MICRO_STEP_ID
+        optimizer._release_preflattened_grad_buffers()
+        if optimizer.cpu_offload:
+            optimizer.reset_cpu_buffers()
+        for key in optimizer.averaged_gradients:
+            optimizer.averaged_gradients[key] = None
+            optimizer.all_grad_tensors[key] = None
+
     def optimizer_step(self, *, grad_clip_norm: float = 0.0) -> torch.Tensor:
         if grad_clip_norm != self.grad_clip_norm:
             raise ValueError(f"DeepSpeed clips at the gradient_clipping set when the engine was built "
@@ -211,9 +230,9 @@ class DeepSpeedBackend(Backend):
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
         if not (self._steps_module_directly() or isinstance(self._engine.optimizer, DeepSpeedZeroOptimizer)):
-            raise ValueError(f"the noise-scale measurement needs DeepSpeed's ZeRO optimizer or fp32 ZeRO-0; "
-                             f"zero_stage={self.zero_stage} with train.precision={self.precision} uses "
-                             f"{type(self._engine.optimizer).__name__}: use zero_stage=2 with bf16/fp16")
+            raise ValueError(f"the noise-scale measurement needs DeepSpeed's ZeRO-1/2 optimizer or fp32 ZeRO-0, "
+                             f"but backend.zero_stage={self.zero_stage} with train.precision={self.precision} "
+                             f"uses its {type(self._engine.optimizer).__name__}; use backend.zero_stage=2")
         self._noise = _MicroBatchGradSqNorms(self._engine.module.parameters())
 
     def noise_measurement(self) -> NoiseMeasurement | None:

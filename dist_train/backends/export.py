@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from dist_train.checkpoint import CheckpointError, load_tensor_file, save_tensor_file
-
-DDP_FILE = "backend.pt"  # what Backend.save_to writes (dist_train.backends.base.BACKEND_FILE)
+from dist_train.backends.base import BACKEND_FILE as DDP_FILE
+from dist_train.checkpoint import MANIFEST, Checkpointer, CheckpointError, load_tensor_file, save_tensor_file
 
 
 def export_state_dict(checkpoint_path_or_dir: str | Path, out_path: str | Path) -> Path:
@@ -42,6 +41,8 @@ def model_state_dict(checkpoint_path_or_dir: str | Path) -> dict[str, torch.Tens
         path = path.parent
     if not path.is_dir():
         raise CheckpointError(f"{str(path)!r} is not a checkpoint directory (step-NNNNNNNN/)")
+    if (path / MANIFEST).is_file():  # written by dist_train: check every file against its sha256 first
+        Checkpointer(path.parent, keep_last=1, rank=0, world_size=1).verify(path)
     if (path / DDP_FILE).is_file():
         state = load_tensor_file(path / DDP_FILE)["model"]
     elif any(path.glob("*zero_pp_rank_*_optim_states.pt")):
@@ -61,7 +62,9 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     """Register ``export CKPT OUT``; it sets ``func(args) -> int``."""
     parser = subparsers.add_parser(
         "export", help="write a checkpoint's model weights as a plain state_dict",
-        description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[1].replace("\n", " "))
+        description="Write the model weights of a checkpoint directory (DDP or DeepSpeed ZeRO-0/1/2) as a "
+                    "plain fp32 state_dict, which torch.load(OUT, weights_only=True) and model.load_state_dict "
+                    "read without dist_train or DeepSpeed.")
     parser.add_argument("checkpoint", metavar="CKPT", help="a checkpoint directory, e.g. runs/x/checkpoints/"
                                                            "step-00001000 (DDP or DeepSpeed)")
     parser.add_argument("out", metavar="OUT", help="the .pt file to write")

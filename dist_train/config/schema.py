@@ -67,7 +67,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` picks CUDA when available (one GPU per local rank), else CPU."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast dtype for the forward pass."""
+    """Numerics of the forward pass: DDP runs it under bf16 autocast (fp32 weights and optimizer); DeepSpeed
+    trains in bf16, or fp16 with loss scaling on GPUs, keeping fp32 master weights."""
     nonfinite_loss: Literal["stop", "skip"] = "stop"
     """On a NaN/Inf loss: ``stop`` with a clear error (the last good checkpoint stays), or ``skip`` the update
     and count it (``train/skipped_steps``)."""
@@ -127,7 +128,7 @@ class BackendConfig:
         if train.precision == "fp16":
             raise ValueError("train.precision=fp16 needs loss scaling, which only backend.name=deepspeed "
                              "provides; use bf16 or the deepspeed backend")
-        return {}
+        return {"precision": train.precision}
 
 
 @dataclass(frozen=True)

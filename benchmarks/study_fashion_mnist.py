@@ -1,0 +1,269 @@
+"""The seed study: Smith et al.'s CIFAR protocol scaled down to Fashion-MNIST on a 2-core CPU.
+
+Smith, Kindermans, Ying, Le (ICLR 2018) train from B=128, lr 0.1, m 0.9 and let the noise scale fall
+by a factor 5 at three milestones, by decaying the lr (decay_lr), by growing the batch 128 -> 640 ->
+3200 -> 16000 (increase_batch), or by growing it once and then decaying the lr (hybrid). Here the
+same three schedules run with momentum SGD, with RAdam and with Lookahead(RAdam), plus one adaptive
+run whose batch follows the measured noise scale instead of the milestones: 10 settings x 3 seeds,
+each a ``dist_train.train.run(...)`` call, all tracked in one MLflow experiment; ``dist_train.report``
+then writes the plots and the table to docs/study/. docs/study.md gives the protocol and the budget.
+
+Budget: at most about 2 CPU-hours (7,200 CPU-seconds; 1 hour of wall time on 2 idle cores, 2 runs at a
+time with one thread each). Fashion-MNIST keeps its full 60,000 training images, because the largest
+batch, 16,000, is already N / 3.75 (Smith's is N / 3.1), and the whole 10,000-image test set (a 0.3%
+standard error of the accuracy). The model and the length are chosen to fit:
+
+- model cifar_resnet8, width 8 (20 k parameters): measured 1,390 training images per CPU-second
+  (micro-batch 64, channels_last, PNG decoding in the same process, noise scale measured; a shared
+  machine, load ~6), about 1,600 on a quiet one; 2.5 CPU-seconds per evaluation of the 10,000 test images;
+- 5 epochs, milestones at 1.5, 3 and 4 (Smith's 60, 120, 160 of 200 epochs), an evaluation every half
+  epoch and at the end: 10 per run;
+- 30 runs x 5 epochs x 60,000 = 9.0 M training images = 6,480 CPU-s at 1,390/s, plus 30 x 10 x 2.5 s =
+  740 CPU-s of evaluation and 30 x ~3 s of start-up: about 7,300 CPU-s = 2.0 CPU-hours (1.8 at 1,600/s).
+  ``--eval-every-epochs 1`` saves about 370 CPU-s.
+
+Every run uses the same micro-batch, 64, so batch norm sees the same batch in every setting and a growing
+batch is accumulated: 128 = 2 x 64, 640 = 10 x 64, 3200 = 50 x 64, 16000 = 250 x 64. Two micro-steps
+per step at B=128 also let one process measure the gradient noise scale (McCandlish et al.), which the
+adaptive run needs and every run logs.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/study_fashion_mnist.py                 # the study
+    .venv/bin/python benchmarks/study_fashion_mnist.py --smoke --shards DIR              # 2 steps per setting
+
+A finished run (its ``summary.json`` exists) is skipped, so an interrupted study continues where it
+stopped; a run cut off mid-way resumes from its checkpoint under the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+EXPERIMENT = "study_fashion_mnist"
+N_TRAIN = 60_000
+EPOCHS = 5.0
+MILESTONES_EPOCHS = (1.5, 3.0, 4.0)
+START_BATCH = 128
+FACTOR = 5
+HYBRID_CAP = 640  # Smith's hybrid: grow the batch once (128 -> 640), then decay the lr
+MAX_BATCH = 16_000  # 128 x 5^3
+MICRO_BATCH = 64
+SEEDS = (0, 1, 2)
+EVAL_EVERY_EPOCHS = 0.5
+
+COMMON = (
+    "model.name=cifar_resnet8", "model.width=8", "model.channels_last=true",
+    "data.num_workers=0",  # decode in the training process: exactly one busy core per run
+    f"train.global_batch_size={START_BATCH}", f"train.micro_batch_size={MICRO_BATCH}", f"train.epochs={EPOCHS}",
+    "train.device=cpu", "train.threads_per_rank=1", "train.progress_bar=false", "train.log_every_steps=10",
+    "schedule.noise_scale.enabled=true", "schedule.noise_scale.ema_decay=0.9",  # ~20-step average
+    "checkpoint.keep_last=1",
+)
+RADAM = ("optim.name=radam", "optim.lr=0.003", "optim.weight_decay=0.0001", "optim.decoupled_weight_decay=true")
+OPTIMIZERS = {
+    # Smith et al.'s CIFAR settings: lr 0.1, m 0.9, weight decay 5e-4 (L2; the config's default).
+    "sgd": ("optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9", "optim.weight_decay=0.0005"),
+    # RAdam's official code: betas (0.9, 0.999), weight decay 1e-4 applied decoupled; lr 3e-3 as in configs/demo.yaml.
+    "radam": RADAM,
+    "radam_lookahead": (*RADAM, "optim.lookahead.k=5", "optim.lookahead.alpha=0.5"),
+}
+MILESTONES = (f"schedule.milestones_epochs=[{', '.join(map(str, MILESTONES_EPOCHS))}]", f"schedule.factor={FACTOR}")
+SCHEDULES = {
+    "decay_lr": ("schedule.mode=decay_lr", *MILESTONES),
+    "hybrid": ("schedule.mode=hybrid", f"schedule.max_global_batch_size={HYBRID_CAP}", *MILESTONES),
+    "increase_batch": ("schedule.mode=increase_batch", *MILESTONES),
+}
+# The adaptive run climbs the same ladder 128 -> 640 -> 3200 -> 16000, but a step is taken when the
+# measured B_simple exceeds the batch, not at a milestone; the lr stays 0.1 (no milestones).
+ADAPTIVE = ("schedule.mode=adaptive", f"schedule.max_global_batch_size={MAX_BATCH}",
+            f"schedule.adaptive.growth_factor={FACTOR}", "schedule.adaptive.min_steps_between_growths=20")
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    overrides: tuple[str, ...]
+
+
+def settings() -> list[Setting]:
+    """The 10 settings: 3 schedules x 3 optimizers, and adaptive batch growth with momentum SGD."""
+    out = [Setting(f"{schedule}-{optimizer}", (*s_over, *o_over))
+           for schedule, s_over in SCHEDULES.items() for optimizer, o_over in OPTIMIZERS.items()]
+    out.append(Setting("adaptive-sgd", (*ADAPTIVE, *OPTIMIZERS["sgd"])))
+    return out
+
+
+def run_overrides(setting: Setting, seed: int, *, shards: str, run_root: Path, tracking_uri: str, experiment: str,
+                  eval_every_epochs: float, smoke: bool) -> list[str]:
+    """The dotted overrides of one training run."""
+    out = [*COMMON, *setting.overrides, f"data.shards={shards}", f"train.seed={seed}",
+           f"train.run_dir={run_root / setting.name / f'seed{seed}'}", f"train.eval_every_epochs={eval_every_epochs}",
+           f"tracking.tracking_uri={tracking_uri}", f"tracking.experiment={experiment}",
+           f"tracking.run_name={setting.name}-seed{seed}"]
+    if smoke:  # every code path of the setting, for seconds: 2 steps, a tiny model, one evaluation at the end
+        out += ["train.max_steps=2", "model.width=4", "train.eval_every_epochs=0"]
+    return out
+
+
+# --- the batches each schedule asks for ---------------------------------------------------------
+def planned_batches(setting: Setting, *, dataset_size: int = N_TRAIN, world_size: int = 1) -> list[int]:
+    """Every global batch ``setting`` trains with, checked to need no rounding and to divide into micro-batches.
+
+    Raises ValueError if a batch is not a multiple of micro-batch x world size or had to be rounded (the
+    schedule would change the protocol's noise scale). For the adaptive mode, the controller's whole ladder.
+    """
+    from dist_train.config import accumulation_steps, load_config
+    from dist_train.schedule import BatchSizeController, Schedule, optimizer_family
+
+    cfg = load_config(None, [*COMMON, *setting.overrides])
+    granularity = cfg.train.micro_batch_size * world_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a rounded milestone batch is an error here, not a warning
+        schedule = Schedule(cfg.schedule, base_lr=cfg.optim.lr, base_momentum=cfg.optim.momentum,
+                            base_global_batch_size=cfg.train.global_batch_size, dataset_size=dataset_size,
+                            optimizer_family=optimizer_family(cfg.optim.name), batch_granularity=granularity)
+    if cfg.schedule.mode == "adaptive":
+        controller = BatchSizeController(cfg.schedule.adaptive,
+                                         start_global_batch_size=schedule.start_global_batch_size,
+                                         max_global_batch_size=cfg.schedule.max_global_batch_size,
+                                         batch_granularity=granularity)
+        batches = [controller.global_batch_size]
+        for growth in range(1, 64):  # a B_simple above any batch grows it at every allowed step, up to the cap
+            if not controller.update(step=growth * cfg.schedule.adaptive.min_steps_between_growths, b_simple=1e30):
+                break
+            batches.append(controller.global_batch_size)
+        planned = [round(batches[0] * cfg.schedule.adaptive.growth_factor ** k) for k in range(len(batches))]
+        if batches != [min(b, cfg.schedule.max_global_batch_size) for b in planned]:
+            raise ValueError(f"{setting.name}: the adaptive ladder {batches} was rounded away from {planned}")
+    else:
+        batches = [schedule.state_at(math.ceil(m * dataset_size)).global_batch_size
+                   for m in (0.0, *cfg.schedule.milestones_epochs)]
+    for batch in batches:
+        accumulation_steps(batch, micro_batch_size=cfg.train.micro_batch_size, world_size=world_size)
+    return batches
+
+
+# --- running ------------------------------------------------------------------------------------
+def train_one(overrides: list[str]) -> dict[str, Any]:
+    """One run, in this process (a worker of the pool, or the driver itself); its summary and wall time."""
+    from dist_train.train import run
+
+    started = time.time()
+    summary = run(None, overrides)
+    return {**summary, "wall_s": time.time() - started}
+
+
+def _ensure_experiment(tracking_uri: str, experiment: str) -> None:
+    """Create the experiment once, before parallel runs race to create it."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if client.get_experiment_by_name(experiment) is None:
+        client.create_experiment(experiment)
+
+
+def run_all(jobs: list[tuple[str, list[str]]], *, parallel: int) -> list[str]:
+    """Train every (name, overrides); returns the names that failed. ``parallel`` > 1 uses fresh processes."""
+    failed: list[str] = []
+
+    def done(name: str, result: dict[str, Any] | None, error: BaseException | None = None) -> None:
+        if error is not None:
+            failed.append(name)
+            print(f"[study] {name}: FAILED: {error!r}", flush=True)
+        else:
+            print(f"[study] {name}: test acc1 {result['eval/acc1']:.4f} after {result['step']} updates, "
+                  f"{result['wall_s']:.0f} s", flush=True)
+
+    if parallel <= 1:
+        for name, overrides in jobs:
+            try:
+                done(name, train_one(overrides))
+            except Exception as err:  # one failed run must not stop the others
+                done(name, None, err)
+        return failed
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn and one task per process: every run starts from a clean interpreter (threads, RNGs, memory).
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:
+        futures = {pool.submit(train_one, overrides): name for name, overrides in jobs}
+        for future in as_completed(futures):
+            error = future.exception()
+            done(futures[future], None if error else future.result(), error)
+    return failed
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", default=str(REPO / "data" / "shards" / "fashion_mnist"),
+                   help="Fashion-MNIST shards (`make demo` or `dist-train make-shards fashion-mnist` writes them)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--experiment", default=None,
+                   help=f"MLflow experiment (default: {EXPERIMENT}, or {EXPERIMENT}_smoke)")
+    p.add_argument("--run-root", default=None, help="run directories (default: runs/<experiment>)")
+    p.add_argument("--out", default=None,
+                   help="report directory (default: docs/study, or <run-root>/report with --smoke)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--smoke: 0)")
+    p.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help="run only the settings whose name contains one of these")
+    p.add_argument("--jobs", type=int, default=None, help="runs at a time, one thread each (default: 2; --smoke: 1)")
+    p.add_argument("--eval-every-epochs", type=float, default=EVAL_EVERY_EPOCHS)
+    p.add_argument("--smoke", action="store_true",
+                   help="every setting for 2 steps with a tiny model: checks the plumbing")
+    p.add_argument("--log-to-mlflow", action="store_true", help="also log the report's PNGs and table to MLflow")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, here or in the workers
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    args = parse_args(argv)
+    from dist_train.config import TrackingConfig
+    from dist_train.report import make_report, markdown_table
+    from dist_train.tracking import resolve_tracking_uri
+
+    experiment = args.experiment or (f"{EXPERIMENT}_smoke" if args.smoke else EXPERIMENT)
+    tracking_uri = args.tracking_uri or resolve_tracking_uri(TrackingConfig())
+    run_root = Path(args.run_root or Path("runs") / experiment)
+    out = Path(args.out or (run_root / "report" if args.smoke else REPO / "docs" / "study"))
+    chosen = [s for s in settings() if not args.only or any(word in s.name for word in args.only)]
+    for setting in chosen:  # before anything trains: a schedule that cannot run is an error now
+        print(f"[study] {setting.name}: global batches {planned_batches(setting)}", flush=True)
+    jobs = [(f"{s.name}-seed{seed}", run_overrides(s, seed, shards=args.shards, run_root=run_root,
+                                                   tracking_uri=tracking_uri, experiment=experiment,
+                                                   eval_every_epochs=args.eval_every_epochs, smoke=args.smoke))
+            for seed in (args.seeds or ((0,) if args.smoke else SEEDS)) for s in chosen]
+    finished = [name for name, o in jobs if (Path(_value(o, "train.run_dir")) / "summary.json").is_file()]
+    if finished:
+        print(f"[study] {len(finished)} runs already finished, skipped: {', '.join(finished)}", flush=True)
+    todo = [(name, o) for name, o in jobs if name not in finished]
+    _ensure_experiment(tracking_uri, experiment)
+    started = time.time()
+    failed = run_all(todo, parallel=args.jobs or (1 if args.smoke else 2))
+    print(f"[study] {len(todo) - len(failed)} of {len(todo)} runs trained in {time.time() - started:.0f} s", flush=True)
+    report = make_report(experiments=[experiment], out_dir=out, tracking_uri=tracking_uri,
+                         log_to_mlflow=args.log_to_mlflow)
+    print(markdown_table(report.groups, group_by=report.group_by), end="")
+    print(f"[study] report: {', '.join(str(p) for p in report.files)}")
+    return 1 if failed else 0
+
+
+def _value(overrides: Sequence[str], key: str) -> str:
+    """The value of the last override of ``key``."""
+    return [o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")][-1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

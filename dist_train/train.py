@@ -66,10 +66,10 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
     data_seed = cfg.train.seed * 7919 + 1
     trainer = Trainer(
         cfg.train, backend=backend, schedule=schedule, set_hyperparams=set_hyperparams,
-        train_loader_fn=lambda: loader.train_batches(manifest, cfg.data.shards, cfg.data,
+        train_loader_fn=lambda: loader.train_batches(manifest, cfg.data,
                                                      micro_batch_size=cfg.train.micro_batch_size, rank=info.rank,
                                                      world_size=info.world_size, seed=data_seed),
-        eval_loader_fn=lambda: loader.eval_batches(manifest, cfg.data.shards, cfg.data,
+        eval_loader_fn=lambda: loader.eval_batches(manifest, cfg.data,
                                                    micro_batch_size=cfg.train.micro_batch_size, rank=info.rank,
                                                    world_size=info.world_size),
         normalise=Normalise(mean, std, device=info.device, channels_last=cfg.model.channels_last),

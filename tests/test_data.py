@@ -14,7 +14,7 @@ def _eval_keys_on_rank(rank, world_size, shards, num_workers):
     manifest = read_manifest(shards)
     cfg = DataConfig(shards=str(shards), num_workers=num_workers)
     labels, count = [], 0
-    for batch in eval_batches(manifest, shards, cfg, micro_batch_size=32, rank=rank, world_size=world_size):
+    for batch in eval_batches(manifest, cfg, micro_batch_size=32, rank=rank, world_size=world_size):
         labels += batch["label"].tolist()
         count += len(batch["label"])
         assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (1, 28, 28)
@@ -37,7 +37,7 @@ def _train_batches_on_rank(rank, world_size, shards, n_batches):
 
     manifest = read_manifest(shards)
     cfg = DataConfig(shards=str(shards), num_workers=2, shuffle_buffer=100)
-    it = iter(train_batches(manifest, shards, cfg, micro_batch_size=16, rank=rank, world_size=world_size, seed=3))
+    it = iter(train_batches(manifest, cfg, micro_batch_size=16, rank=rank, world_size=world_size, seed=3))
     labels = []
     for step in range(n_batches):
         batch = next(it)

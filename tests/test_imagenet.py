@@ -303,3 +303,78 @@ def test_corrupt_jpegs_raise_bad_sample(imagenet_photos, backend):  # noqa: F811
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="backend"):
         train_decoder(224, backend="turbo")
+
+
+# --- the streaming reader on ImageNet shards ---------------------------------------------------------
+
+def _val_labels_on_rank(rank, world_size, shards, shard_url):
+    from dist_train.config import DataConfig
+    from dist_train.data.loader import eval_batches
+
+    cfg = DataConfig(shards=str(shards), num_workers=2, shard_url=shard_url)
+    labels, bad = [], 0
+    for batch in eval_batches(read_manifest(shards), cfg, micro_batch_size=4, rank=rank, world_size=world_size):
+        assert batch["image"].dtype == torch.uint8 and batch["image"].shape[1:] == (3, 224, 224)
+        labels += batch["label"].tolist()
+        bad += int(batch["bad_samples"])
+    return labels, bad
+
+
+@pytest.fixture(scope="module")
+def imagenet_shards(imagenet_src, tmp_path_factory):
+    out = tmp_path_factory.mktemp("imagenet_shards")
+    assert _make_shards(["imagenet", str(imagenet_src), str(out), "--samples-per-shard", "6", "--no-progress"]) == 0
+    return out
+
+
+def test_every_validation_sample_is_seen_exactly_once_across_two_ranks(imagenet_shards):
+    from multiproc import run_ranks
+
+    (alone, _), = run_ranks(_val_labels_on_rank, imagenet_shards, "", world_size=1)
+    outs = run_ranks(_val_labels_on_rank, imagenet_shards, "", world_size=2)
+    assert len(alone) == 20 and all(len(labels) > 0 for labels, _ in outs)
+    assert sorted(outs[0][0] + outs[1][0]) == sorted(alone)
+
+
+def test_pipe_and_http_shard_sources_read_the_same_samples(imagenet_shards, tmp_path):
+    import subprocess
+    import sys
+
+    from infra.daemons import free_port, port_open, spawn, stop, wait_until
+    from multiproc import run_ranks
+
+    (local, _), = run_ranks(_val_labels_on_rank, imagenet_shards, "", world_size=1)
+    (piped, _), = run_ranks(_val_labels_on_rank, imagenet_shards, f"pipe:cat {imagenet_shards}/{{name}}", world_size=1)
+    assert piped == local
+    port = free_port()
+    server = spawn("http", [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                            str(imagenet_shards)], log=tmp_path / "http.log")
+    try:
+        wait_until(lambda: port_open(port), what="http.server", timeout_s=30, daemons=(server,))
+        (served, _), = run_ranks(_val_labels_on_rank, imagenet_shards, f"http://127.0.0.1:{port}/{{name}}",
+                                 world_size=1)
+    finally:
+        stop([server])
+    assert served == local
+
+
+def test_corrupt_jpeg_in_a_shard_is_skipped_and_counted(imagenet_photos, tmp_path):  # noqa: F811
+    from dist_train.config import DataConfig
+    from dist_train.data.loader import eval_batches, train_batches
+    from dist_train.data.shards import SplitSource, write_shards
+
+    payloads = [p.read_bytes() for p in imagenet_photos[:10]]
+    payloads[3] = payloads[3][:2000]  # truncated: the header decodes, the data does not
+    payloads[7] = b"\xff\xd8\xff\xe0 not a jpeg at all"
+    source = SplitSource(keys=[f"img{i:02d}" for i in range(10)], labels=[i % 3 for i in range(10)],
+                         payloads=payloads, encode_image=bytes, image_key="jpg")
+    manifest = write_shards(tmp_path, dataset="imagenet", classes=["a", "b", "c"],
+                            image={"encoding": "jpeg", "channels": 3}, splits={"train": source, "val": source},
+                            samples_per_shard=5, progress=False)
+    cfg = DataConfig(shards=str(tmp_path), num_workers=0, shuffle_buffer=0)
+    batches = list(eval_batches(manifest, cfg, micro_batch_size=4, rank=0, world_size=1))
+    assert sum(len(b["label"]) for b in batches) == 8 and sum(int(b["bad_samples"]) for b in batches) == 2
+    stream = iter(train_batches(manifest, cfg, micro_batch_size=4, rank=0, world_size=1, seed=0))
+    drawn = [next(stream) for _ in range(10)]  # 40 good samples, about 10 bad ones skipped on the way
+    bad = sum(int(b["bad_samples"]) for b in drawn)
+    assert 4 <= bad <= 20 and all(len(b["label"]) == 4 for b in drawn)

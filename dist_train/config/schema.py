@@ -14,6 +14,9 @@ from dist_train.schedule.config import ScheduleConfig
 class DataConfig:
     shards: str = "data/shards/fashion_mnist"
     """Directory holding ``manifest.json`` and the train/test tar shards written by ``dist-train make-shards``."""
+    shard_url: str = ""
+    """Where the shard files are read from when they are not beside the manifest: a template with ``{name}``,
+    e.g. ``https://host/imagenet/{name}`` or ``pipe:aws s3 cp s3://bucket/imagenet/{name} -``."""
     num_workers: int = 1
     """DataLoader worker processes per rank. Each needs at least one training shard of its own."""
     shuffle_buffer: int = 2000
@@ -24,6 +27,9 @@ class DataConfig:
     """Stop the run when more than this fraction of samples fail to decode."""
 
     def __post_init__(self) -> None:
+        if self.shard_url and "{name}" not in self.shard_url:
+            raise ValueError(f"data.shard_url={self.shard_url!r} needs a {{name}} placeholder for the shard file name, "
+                             f"e.g. https://host/imagenet/{{name}}")
         if self.num_workers < 0:
             raise ValueError("data.num_workers must be >= 0")
         if self.shuffle_buffer < 0:

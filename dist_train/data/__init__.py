@@ -1,0 +1,1 @@
+"""Data: shard writers (Fashion-MNIST, ImageNet), the streaming WebDataset reader, JPEG decoding."""

@@ -90,6 +90,9 @@ class Trainer:
         self._stream: Iterator[dict] | None = None
         self._window = _MetricWindow(backend.info.device)
         self.history: list[dict[str, float]] = []
+        self._bar: Any = None
+        self._next_eval = math.inf
+        self._tic = (time.perf_counter(), 0)
         self.logged_through_step = 0
         """Training metrics up to this step are already in the tracker (set when continuing a run)."""
 
@@ -180,7 +183,8 @@ class Trainer:
             if self._bar is not None:
                 self._bar.update(self.progress.samples_seen - self._bar.n)
                 self._bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", B=state.global_batch_size,
-                                      lr=f"{state.lr:.3g}", m=f"{state.momentum:.3g}")
+                                      lr=f"{state.lr:.3g}", m=f"{state.momentum:.3g}",
+                                      g=f"{getattr(state, 'noise_scale', float('nan')):.3g}")
         if self.cfg.eval_every_epochs and self._epoch() >= self._next_eval and not self._done():
             self.evaluate()
             self._next_eval = self._next_eval_epoch()

@@ -45,3 +45,41 @@ def test_batch_grows_twice_on_two_ranks_and_matches_one_process():
         assert accum == [(b // 8, b) for b in EXPECTED_SIZES]
         assert seen == sum(EXPECTED_SIZES)
         torch.testing.assert_close(params, ref_params, rtol=0, atol=1e-6)
+
+
+def _adaptive(rank, world_size):
+    from dist_train.noise_scale import GradientNoiseScale
+    from dist_train.schedule import AdaptiveConfig, BatchSizeController, NoiseScaleConfig
+
+    cfg = ScheduleConfig(mode="adaptive", max_global_batch_size=64, noise_scale=NoiseScaleConfig(enabled=True),
+                         adaptive=AdaptiveConfig(growth_factor=2.0, margin=1.0, min_steps_between_growths=3))
+    schedule = Schedule(cfg, base_lr=0.01, base_momentum=0.9, base_global_batch_size=16, dataset_size=10_000,
+                        optimizer_family="normalized", batch_granularity=8 * world_size)
+    # Random labels: the gradient is mostly noise, so B_simple is far above any batch here.
+    batches = global_batches(12, 64, seed=9)
+    trainer = make_trainer(rank, world_size, batches=batches, micro=8, optim=RADAM_LA, schedule=schedule)
+    trainer.backend.enable_noise_scale()
+    trainer.noise = GradientNoiseScale(ema_decay=0.5)
+    trainer.batch_controller = BatchSizeController(cfg.adaptive, start_global_batch_size=16,
+                                                   max_global_batch_size=64, batch_granularity=8 * world_size)
+    sizes = []
+    for _ in range(10):
+        state = trainer._schedule_state()
+        before = trainer.progress.samples_seen
+        trainer.train_step(state)
+        trainer._after_step(state)
+        assert trainer.progress.samples_seen - before == state.global_batch_size
+        sizes.append(state.global_batch_size)
+    return sizes, trainer.noise.b_simple
+
+
+def test_adaptive_mode_grows_the_batch_from_the_measured_noise_scale_on_two_ranks():
+    outs = run_ranks(_adaptive, world_size=2)
+    (sizes, b_simple), (sizes_1, _) = outs
+    assert sizes == sizes_1  # both ranks take the same decisions
+    print("adaptive batch sizes:", sizes, "B_simple:", b_simple)
+    assert sizes[:3] == [16, 16, 16] and sizes[3] == 32  # first decision after 3 steps: B_simple >> 16
+    changes = [i for i in range(1, len(sizes)) if sizes[i] != sizes[i - 1]]
+    assert all(sizes[i] == 2 * sizes[i - 1] for i in changes)  # by the growth factor
+    assert all(b - a >= 3 for a, b in zip(changes, changes[1:]))  # at most once every 3 steps
+    assert max(sizes) <= 64 and len(changes) >= 1

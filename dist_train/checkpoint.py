@@ -129,8 +129,12 @@ class Checkpointer:
         return None
 
     def load_rank_state(self, path: Path) -> dict[str, Any]:
-        """This rank's own state from checkpoint ``path``, after checking the world size matches."""
-        manifest = self.verify(path)
+        """This rank's own state from a checkpoint ``latest_valid()`` returned (its checksums were verified
+        there), after checking the world size matches."""
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {path} has no readable {MANIFEST} ({err})") from None
         if manifest["world_size"] != self.world_size:
             raise CheckpointError(
                 f"checkpoint {path} was written by {manifest['world_size']} ranks but this run has "

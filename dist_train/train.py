@@ -74,7 +74,6 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
                                                    world_size=info.world_size),
         normalise=Normalise(mean, std, device=info.device, channels_last=cfg.model.channels_last),
         dataset_size=dataset_size, tracker=None, checkpointer=checkpointer,
-        eval_weights=backend.slow_weights,
         max_bad_sample_fraction=cfg.data.max_bad_sample_fraction,
         checkpoint_every_steps=cfg.checkpoint.every_steps, noise=noise, batch_controller=controller,
     )

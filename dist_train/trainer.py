@@ -66,7 +66,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, backend: Backend, schedule: Any, set_hyperparams: Callable[..., None],
                  train_loader_fn: Callable[[], Iterable[dict]], eval_loader_fn: Callable[[], Iterable[dict]],
                  normalise: Normalise, dataset_size: int, tracker: Tracker, checkpointer: Checkpointer,
-                 eval_weights: Callable[[], Any], max_bad_sample_fraction: float, checkpoint_every_steps: int = 0,
+                 max_bad_sample_fraction: float, checkpoint_every_steps: int = 0,
                  noise: Any = None, batch_controller: Any = None):
         self.cfg = cfg
         self.backend = backend
@@ -78,7 +78,6 @@ class Trainer:
         self.dataset_size = dataset_size
         self.tracker = tracker
         self.checkpointer = checkpointer
-        self.eval_weights = eval_weights
         self.max_bad_sample_fraction = max_bad_sample_fraction
         self.checkpoint_every_steps = checkpoint_every_steps
         self.noise = noise
@@ -119,14 +118,14 @@ class Trainer:
                                       save_backend=self.backend.save_to)
 
     def load_checkpoint(self, path: Path) -> None:
-        rank_state = self.checkpointer.load_rank_state(path)  # checks checksums and world size first
+        rank_state = self.checkpointer.load_rank_state(path)  # checks the world size first
         self.backend.load_from(path)
         self.load_rank_state_dict(rank_state)
 
     # --- the loop ----------------------------------------------------------------------------
     def _total_samples(self) -> int:
-        by_epochs = math.ceil(self.cfg.epochs * self.dataset_size) if self.cfg.epochs > 0 else math.inf
-        return by_epochs if isinstance(by_epochs, int) else 0
+        """Samples the configured epochs take; 0 when only ``max_steps`` bounds the run."""
+        return math.ceil(self.cfg.epochs * self.dataset_size) if self.cfg.epochs > 0 else 0
 
     def _done(self) -> bool:
         p = self.progress
@@ -288,7 +287,7 @@ class Trainer:
         module = self.backend.module
         module.eval()
         totals = torch.zeros(4, dtype=torch.float64, device=self.backend.info.device)
-        with self.eval_weights():
+        with self.backend.slow_weights():  # Lookahead's slow weights, when there are any
             for batch in self.eval_loader_fn():
                 images, labels = self.normalise(batch["image"]), batch["label"].to(self.backend.info.device)
                 with self.backend.autocast():

@@ -7,7 +7,6 @@ same global batches is the reference every distributed run is compared against.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -78,7 +77,7 @@ def make_trainer(rank: int, world_size: int, *, batches: list[dict], micro: int,
         dataset_size=sum(sizes), tracker=NullTracker(),
         checkpointer=Checkpointer(run_dir or "/nonexistent", keep_last=2, rank=rank, world_size=world_size,
                                   barrier=backend.barrier),
-        eval_weights=contextlib.nullcontext, max_bad_sample_fraction=0.5,
+        max_bad_sample_fraction=0.5,
         checkpoint_every_steps=checkpoint_every_steps,
     )
 

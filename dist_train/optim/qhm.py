@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
+from dist_train.optim.weight_decay import apply_weight_decay
+
 
 class QHM(Optimizer):
     """QHM; per-group keys ``lr``, ``momentum`` (beta), ``nu``, ``weight_decay``, ``decoupled_weight_decay``.
@@ -57,12 +59,8 @@ class QHM(Optimizer):
 
 def _qhm_update(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor], *,
                 group: dict) -> None:
-    lr, beta, nu, weight_decay = group["lr"], group["momentum"], group["nu"], group["weight_decay"]
-    if weight_decay:
-        if group["decoupled_weight_decay"]:
-            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-        else:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    lr, beta, nu = group["lr"], group["momentum"], group["nu"]
+    grads = apply_weight_decay(params, grads, group=group)
     torch._foreach_lerp_(buffers, grads, 1.0 - beta)  # d = beta d + (1 - beta) g
     if nu != 1.0:
         torch._foreach_add_(params, grads, alpha=-lr * (1.0 - nu))

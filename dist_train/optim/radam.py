@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 from torch.optim import Optimizer
 
+from dist_train.optim.weight_decay import apply_weight_decay
+
 RHO_THRESHOLD = 5.0
 """Apply the rectified adaptive step only when rho_t exceeds this; below it, momentum SGD."""
 
@@ -101,12 +103,7 @@ def _radam_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
                   exp_avg_sqs: list[torch.Tensor], *, step: int, beta1_product: float, group: dict) -> None:
     """One RAdam step for parameters that share ``step`` and ``beta1_product``, in foreach ops."""
     lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-    weight_decay = group["weight_decay"]
-    if weight_decay:
-        if group["decoupled_weight_decay"]:
-            torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-        else:
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    grads = apply_weight_decay(params, grads, group=group)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)  # m = beta1 m + (1 - beta1) g
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)

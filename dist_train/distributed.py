@@ -84,9 +84,25 @@ def init_distributed(*, device: str = "auto", threads_per_rank: int = 0, timeout
         # Ranks on one machine share its cores; oversubscribing them slows every rank down.
         torch.set_num_threads(threads_per_rank or max(1, (os.cpu_count() or 1) // local_world))
     if world > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=timeout, store=_attempt_store(rank, world, timeout))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world, device=dev)
+
+
+def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, a store whose keys belong to this restart attempt alone; None elsewhere (env://).
+
+    torchrun's agent keeps one store across ``--max-restarts`` attempts. Seen here: a restarted gloo
+    group read the dead attempt's peer addresses from it and failed with "connection refused".
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        return None
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_hosts_store and rank == 0, timeout=timeout)
+    return dist.PrefixStore(f"dist_train/attempt_{attempt}", store)
 
 
 def seed_everything(seed: int) -> None:

@@ -19,7 +19,8 @@ def run(config_path: str | None, overrides: list[str] | tuple[str, ...] = ()) ->
     cfg = load_config(config_path, overrides)
     from dist_train.distributed import init_distributed, shutdown
 
-    info = init_distributed(device=cfg.train.device, threads_per_rank=cfg.train.threads_per_rank)
+    info = init_distributed(device=cfg.train.device, threads_per_rank=cfg.train.threads_per_rank,
+                            timeout_s=cfg.train.dist_timeout_s)
     try:
         return train(cfg, info)
     finally:

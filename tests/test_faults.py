@@ -31,6 +31,8 @@ def _cmd(shards, run_dir, uri, *, nproc, max_restarts=0):
              f"train.run_dir={run_dir}", f"tracking.tracking_uri={uri}", "tracking.experiment=faults"]
     if nproc == 1:
         return [sys.executable, "-m", "dist_train.cli", *train]
+    if max_restarts:
+        train.append("train.dist_timeout_s=60")  # a hung attempt fails and is restarted
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             f"--max-restarts={max_restarts}", "-m", "dist_train.cli", *train]
 
@@ -118,15 +120,18 @@ def test_sigusr1_on_one_rank_stops_both_ranks_together_and_resume_is_exact(small
 
 def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_completes_exactly(small_shards, tmp_path, reference):
     uri, run_dir = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "run"
-    proc = subprocess.Popen(_cmd(small_shards, run_dir, uri, nproc=2, max_restarts=1), cwd=tmp_path, env=_env(),
+    # More than one restart allowed, as a user would: the first restart after a kill often fails in gloo's
+    # connection set-up (stale peer addresses, refused); the next one goes through (docs/faults.md).
+    proc = subprocess.Popen(_cmd(small_shards, run_dir, uri, nproc=2, max_restarts=3), cwd=tmp_path, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_checkpoint(run_dir, proc, 8)
     tic = time.monotonic()
     os.kill(_rank_pids(proc.pid)[1], signal.SIGKILL)
-    _, err = proc.communicate(timeout=400)
+    _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "resumed from" in err
-    print(f"recovery and the rest of the run: {time.monotonic() - tic:.1f} s")
+    restarts = err.count("Restarting worker group")
+    print(f"recovery and the rest of the run: {time.monotonic() - tic:.1f} s, {restarts} restart(s)")
     assert _losses(uri, run_dir) == reference[2]
 
 

@@ -82,6 +82,9 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
+    dist_timeout_s: int = 1800
+    """Timeout of collectives and of the process-group set-up; a rank that hangs longer fails the job, so
+    ``torchrun --max-restarts`` can restart it from the last checkpoint."""
     threads_per_rank: int = 0
     """torch intra-op threads per rank; 0 divides the machine's cores among the local ranks."""
 

@@ -35,7 +35,6 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
     from dist_train.data import loader
     from dist_train.data.shards import read_manifest
     from dist_train.distributed import seed_everything
-    from dist_train.faults import Preempted
     from dist_train.models import build_model
     from dist_train.optim import build_optimizer, set_hyperparams
     from dist_train.schedule import Schedule, optimizer_family
@@ -81,6 +80,13 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
     run_id = _resume(trainer, cfg, checkpointer, run_dir)
     trainer.tracker = _start_tracking(cfg, info, run_dir, run_id)
     trainer.logged_through_step = trainer.tracker.last_logged_step() if run_id else 0
+    return _fit_and_report(trainer, info, run_dir)
+
+
+def _fit_and_report(trainer: Any, info: Any, run_dir: Path) -> dict[str, Any]:
+    """Train; the main rank writes ``summary.json`` and final metrics; the MLflow run gets its status."""
+    from dist_train.faults import Preempted
+
     status = "FAILED"
     try:
         summary = trainer.fit()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -63,7 +63,7 @@ class Backend(abc.ABC):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Context for the forward pass; backends that cast the model themselves need none."""
-        return _nothing()
+        return contextlib.nullcontext()
 
     def slow_weights(self) -> contextlib.AbstractContextManager:
         """Context in which the module holds Lookahead's slow weights, for evaluation (collective)."""
@@ -151,8 +151,3 @@ def build_backend(name: str, info: DistInfo, *, micro_batch_size: int, **options
 
         return DeepSpeedBackend(info, micro_batch_size=micro_batch_size, **options)
     raise ValueError(f"backend.name={name!r} is not known; use ddp or deepspeed")
-
-
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield

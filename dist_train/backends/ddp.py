@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_train.backends.base import Backend, OptimizerFactory, _nothing
+from dist_train.backends.base import Backend, OptimizerFactory
 from dist_train.noise_scale import AccumulationNoiseScaleProbe, DDPNoiseScaleProbe, NoiseMeasurement
 
 
@@ -20,7 +20,7 @@ class DDPBackend(Backend):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision != "bf16":
-            return _nothing()
+            return contextlib.nullcontext()
         return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
@@ -52,7 +52,7 @@ class DDPBackend(Backend):
         # DDP decides at forward time whether the coming backward all-reduces, so the
         # forward must run inside no_sync() on accumulation micro-steps, not just the backward.
         if enabled or not isinstance(self._model, DistributedDataParallel):
-            return _nothing()
+            return contextlib.nullcontext()
         return self._model.no_sync()
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -171,6 +171,14 @@ def _train_overrides(shards, tmp_path, *, max_steps, every):
             f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "tracking.experiment=slurm"]
 
 
+def _submit_training(cluster, shards, tmp_path, *, max_steps, every):
+    """The demo config as a 2-task CPU job through the launcher's own plan -> executor -> submit path."""
+    res = slurm.SlurmResources(time_min=5, partition=cluster.partition, tasks_per_node=2)
+    jobs = slurm.plan_jobs(str(REPO / "configs/demo.yaml"),
+                           _train_overrides(shards, tmp_path, max_steps=max_steps, every=every), world_size=2)
+    return slurm.submit(slurm.make_executor("slurm", tmp_path / "slurm" / "%j", res), jobs)
+
+
 def _logged_steps(tmp_path, key="train/loss"):
     from mlflow.tracking import MlflowClient
 
@@ -181,10 +189,7 @@ def _logged_steps(tmp_path, key="train/loss"):
 
 @pytest.mark.slurm
 def test_two_task_training_job_completes_and_is_tracked(slurm_cluster, small_shards, tmp_path):
-    res = slurm.SlurmResources(time_min=5, partition=slurm_cluster.partition, tasks_per_node=2)
-    jobs = slurm.plan_jobs(str(REPO / "configs/demo.yaml"), _train_overrides(small_shards, tmp_path, max_steps=6,
-                                                                             every=3), world_size=2)
-    handles = slurm.submit(slurm.make_executor("slurm", tmp_path / "slurm" / "%j", res), jobs)
+    handles = _submit_training(slurm_cluster, small_shards, tmp_path, max_steps=6, every=3)
     summaries = _results(handles[0], slurm_cluster, timeout_s=300)
     assert [s["step"] for s in summaries] == [6, 6] and [s["is_main"] for s in summaries] == [True, False]
     steps, run = _logged_steps(tmp_path)
@@ -194,10 +199,7 @@ def test_two_task_training_job_completes_and_is_tracked(slurm_cluster, small_sha
 
 @pytest.mark.slurm
 def test_preempted_training_job_requeues_resumes_and_logs_each_step_once(slurm_cluster, small_shards, tmp_path):
-    res = slurm.SlurmResources(time_min=5, partition=slurm_cluster.partition, tasks_per_node=2)
-    jobs = slurm.plan_jobs(str(REPO / "configs/demo.yaml"), _train_overrides(small_shards, tmp_path, max_steps=40,
-                                                                             every=4), world_size=2)
-    handles = slurm.submit(slurm.make_executor("slurm", tmp_path / "slurm" / "%j", res), jobs)
+    handles = _submit_training(slurm_cluster, small_shards, tmp_path, max_steps=40, every=4)
     checkpoint = tmp_path / "run" / "checkpoints" / "step-00000008"
     deadline = time.monotonic() + 240
     while not checkpoint.is_dir():

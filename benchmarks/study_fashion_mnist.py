@@ -8,6 +8,10 @@ run whose batch follows the measured noise scale instead of the milestones: 10 s
 each a ``dist_train.train.run(...)`` call, all tracked in one MLflow experiment; ``dist_train.report``
 then writes the plots and the table to docs/study/. docs/study.md gives the protocol and the budget.
 
+``--part warmup`` runs the second experiment, on the claim that RAdam needs no warmup at a large batch:
+SGD, AdamW and RAdam trained at B=3200 from the first step with the lr scaled up from B=128, each
+without and with one epoch of linear warmup, 3 seeds each; its report goes to docs/study/warmup/.
+
 Budget: at most about 2 CPU-hours (7,200 CPU-seconds; 1 hour of wall time on 2 idle cores, 2 runs at a
 time with one thread each). Fashion-MNIST keeps its full 60,000 training images, because the largest
 batch, 16,000, is already N / 3.75 (Smith's is N / 3.1), and the whole 10,000-image test set (a 0.3%
@@ -44,7 +48,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
@@ -89,6 +93,25 @@ ADAPTIVE = ("schedule.mode=adaptive", f"schedule.max_global_batch_size={MAX_BATC
             f"schedule.adaptive.growth_factor={FACTOR}", "schedule.adaptive.min_steps_between_growths=20")
 
 
+# --- part 2: warmup at a large batch (the issue's second expectation) ---------------------------
+# Every run trains at one large batch from the first step, with the lr scaled up from B=128 by the rule
+# its configs/imagenet/ recipe uses: linear for SGD (Goyal et al.), square root for the Adam family. Each
+# optimizer runs with and without a linear warmup; AdamW is the control, the optimizer RAdam claims to
+# free from warmup. B=3200 is the largest batch of the ladder that still leaves ~90 updates in 5 epochs
+# (16,000 would leave 18). The lr falls by 5 at the same milestones as decay_lr.
+LARGE_BATCH = 3200
+WARMUP_EPOCHS = 1.0  # 19 of 94 updates, from 1/25 of the target lr (B_ref / B, where Goyal et al. start)
+ADAMW = ("optim.name=adamw", "optim.lr=0.003", "optim.weight_decay=0.0001", "optim.decoupled_weight_decay=true")
+LARGE_BATCH_OPTIMIZERS = {
+    "sgd": (*OPTIMIZERS["sgd"], "schedule.lr_scaling=linear"),  # 0.1 x 3200/128 = 2.5
+    "adamw": (*ADAMW, "schedule.lr_scaling=sqrt"),  # 3e-3 x sqrt(25) = 0.015
+    "radam": (*RADAM, "schedule.lr_scaling=sqrt"),  # 0.015
+}
+LARGE_BATCH_COMMON = (f"train.global_batch_size={LARGE_BATCH}", f"schedule.reference_global_batch_size={START_BATCH}",
+                      "schedule.mode=decay_lr", *MILESTONES)
+WARMUP = ("schedule.warmup_epochs=" + str(WARMUP_EPOCHS), f"schedule.warmup_start_factor={START_BATCH / LARGE_BATCH}")
+
+
 @dataclass(frozen=True)
 class Setting:
     name: str
@@ -101,6 +124,29 @@ def settings() -> list[Setting]:
            for schedule, s_over in SCHEDULES.items() for optimizer, o_over in OPTIMIZERS.items()]
     out.append(Setting("adaptive-sgd", (*ADAPTIVE, *OPTIMIZERS["sgd"])))
     return out
+
+
+def warmup_settings() -> list[Setting]:
+    """The 6 settings of part 2: SGD, AdamW and RAdam at B=3200 from the start, without and with warmup."""
+    return [Setting(f"b{LARGE_BATCH}-{optimizer}-{'warmup' if warm else 'no_warmup'}",
+                    (*LARGE_BATCH_COMMON, *o_over, *(WARMUP if warm else ())))
+            for optimizer, o_over in LARGE_BATCH_OPTIMIZERS.items() for warm in (False, True)]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One experiment of the study: its settings, MLflow experiment, report grouping and report directory."""
+    settings: Callable[[], list[Setting]]
+    experiment: str
+    group_by: tuple[str, ...]
+    out: Path
+
+
+PARTS = {
+    "schedules": Part(settings, EXPERIMENT, ("schedule.mode", "optim.name", "optim.lookahead.k"), REPO / "docs" / "study"),
+    "warmup": Part(warmup_settings, f"{EXPERIMENT}_warmup", ("optim.name", "schedule.warmup_epochs"),
+                   REPO / "docs" / "study" / "warmup"),
+}
 
 
 def run_overrides(setting: Setting, seed: int, *, shards: str, run_root: Path, tracking_uri: str, experiment: str,
@@ -206,6 +252,9 @@ def run_all(jobs: list[tuple[str, list[str]]], *, parallel: int) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=sorted(PARTS), default="schedules",
+                   help="schedules: 3 schedules x 3 optimizers + adaptive (default); "
+                        "warmup: SGD, AdamW and RAdam at B=3200 without and with warmup")
     p.add_argument("--shards", default=str(REPO / "data" / "shards" / "fashion_mnist"),
                    help="Fashion-MNIST shards (`make demo` or `dist-train make-shards fashion-mnist` writes them)")
     p.add_argument("--tracking-uri", default=None,
@@ -234,11 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dist_train.report import make_report, markdown_table
     from dist_train.tracking import resolve_tracking_uri
 
-    experiment = args.experiment or (f"{EXPERIMENT}_smoke" if args.smoke else EXPERIMENT)
+    part = PARTS[args.part]
+    experiment = args.experiment or (f"{part.experiment}_smoke" if args.smoke else part.experiment)
     tracking_uri = args.tracking_uri or resolve_tracking_uri(TrackingConfig())
     run_root = Path(args.run_root or Path("runs") / experiment)
-    out = Path(args.out or (run_root / "report" if args.smoke else REPO / "docs" / "study"))
-    chosen = [s for s in settings() if not args.only or any(word in s.name for word in args.only)]
+    out = Path(args.out or (run_root / "report" if args.smoke else part.out))
+    chosen = [s for s in part.settings() if not args.only or any(word in s.name for word in args.only)]
     for setting in chosen:  # before anything trains: a schedule that cannot run is an error now
         print(f"[study] {setting.name}: global batches {planned_batches(setting)}", flush=True)
     jobs = [(f"{s.name}-seed{seed}", run_overrides(s, seed, shards=args.shards, run_root=run_root,
@@ -253,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     failed = run_all(todo, parallel=args.jobs or (1 if args.smoke else 2))
     print(f"[study] {len(todo) - len(failed)} of {len(todo)} runs trained in {time.time() - started:.0f} s", flush=True)
-    report = make_report(experiments=[experiment], out_dir=out, tracking_uri=tracking_uri,
+    report = make_report(experiments=[experiment], out_dir=out, tracking_uri=tracking_uri, group_by=part.group_by,
                          log_to_mlflow=args.log_to_mlflow)
     print(markdown_table(report.groups, group_by=report.group_by), end="")
     print(f"[study] report: {', '.join(str(p) for p in report.files)}")

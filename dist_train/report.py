@@ -75,9 +75,9 @@ class GroupSummary:
         return statistics.fmean(r.final_acc1 for r in self.runs)
 
     @property
-    def acc1_std(self) -> float:
-        """Sample standard deviation (n - 1) of the final accuracy over seeds; 0 for a single seed."""
-        return statistics.stdev(r.final_acc1 for r in self.runs) if len(self.runs) > 1 else 0.0
+    def acc1_std(self) -> float | None:
+        """Sample standard deviation (n - 1) of the final accuracy over seeds; None for a single seed."""
+        return statistics.stdev(r.final_acc1 for r in self.runs) if len(self.runs) > 1 else None
 
     @property
     def updates(self) -> tuple[int, ...]:
@@ -210,7 +210,8 @@ def markdown_table(groups: Sequence[GroupSummary], *, group_by: Sequence[str]) -
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for g in groups:
         epochs = "" if g.final_epoch_mean is None else f"{g.final_epoch_mean:.2f}"
-        cells = [*g.group, str(len(g.runs)), f"{100 * g.acc1_mean:.2f} ± {100 * g.acc1_std:.2f}",
+        spread = "(one seed: no spread)" if g.acc1_std is None else f"± {100 * g.acc1_std:.2f}"
+        cells = [*g.group, str(len(g.runs)), f"{100 * g.acc1_mean:.2f} {spread}",
                  _format_updates(g.updates), epochs]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -124,3 +124,18 @@ def test_warmup_part_smoke_groups_by_optimizer_and_warmup(study, small_shards, t
     table = (tmp_path / "report" / "results.md").read_text()
     assert "| optim.name | schedule.warmup_epochs | seeds |" in table
     assert table.count("| 2 | ") == 6  # 2 updates per run, one row per setting
+
+
+# --- part 3: Lookahead(RAdam) at twice the lr -------------------------------------------------
+def test_lookahead_lr_part_reports_beside_part_one_decay_lr_radam_runs(study, small_shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    common = ["--smoke", "--shards", str(small_shards), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+              "--run-root", str(tmp_path / "runs")]
+    # Part 1's decay_lr runs with RAdam and Lookahead(RAdam), and a non-RAdam run the filter must drop.
+    assert study.main([*common, "--only", "decay_lr-radam", "decay_lr-sgd", "--out", str(tmp_path / "r1")]) == 0
+    assert study.main([*common, "--part", "lookahead_lr", "--out", str(tmp_path / "r3")]) == 0
+    table = (tmp_path / "r3" / "results.md").read_text()
+    assert "| optim.name | optim.lookahead.k | optim.lr | seeds |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| radam |")]
+    assert sorted(r.split(" | ")[1:3] for r in rows) == [["-", "0.003"], ["-", "0.006"], ["5", "0.003"], ["5", "0.006"]]
+    assert "sgd" not in table.split("| optim.name |", 1)[1]

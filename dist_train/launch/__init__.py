@@ -22,7 +22,7 @@ def add_launch_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", default=None, help="YAML config (optional)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=0.1 (before or after all options)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=0.1, anywhere among the options")
     p.add_argument("--dry-run", action="store_true", help="check the config and print what would run, then stop")
 
 

@@ -115,7 +115,11 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Collective: every rank writes its part, rank 0 makes the checkpoint appear atomically."""
         return self.checkpointer.save(step=self.progress.step, rank_state=self.rank_state_dict(),
-                                      save_backend=self.backend.save_to)
+                                      save_backend=self._save_backend_files)
+
+    def _save_backend_files(self, directory: Path) -> None:
+        self.backend.save_to(directory)
+        self.backend.save_slow_weights(directory)  # with Lookahead: the evaluated model, for export
 
     def load_checkpoint(self, path: Path) -> None:
         rank_state = self.checkpointer.load_rank_state(path)  # checks the world size first

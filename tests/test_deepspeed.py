@@ -76,7 +76,7 @@ def _equivalence(rank, world_size, batches, run_dir):
     for name, (optim, zero_stage, clip) in RUNS.items():
         reference = _reference_name(optim, clip)
         if reference not in out:
-            trainers[reference] = _trainer(rank, world_size, batches, optim, clip=clip, run_dir=f"{run_dir}/ddp")
+            trainers[reference] = _trainer(rank, world_size, batches, optim, clip=clip, run_dir=f"{run_dir}/{reference}")
             out[reference] = _train(trainers[reference], len(batches))
         if name != "zero2-lookahead":
             trainers[name] = _trainer(rank, world_size, batches, optim, "deepspeed", zero_stage, clip,
@@ -101,7 +101,8 @@ def _equivalence(rank, world_size, batches, run_dir):
     with slow_weights(ddp.backend.optimizer):
         out["slow"]["ddp"] = params_of(ddp)
     out["fast"] = {"deepspeed": params_of(trainer), "ddp": params_of(ddp)}
-    for name in ("zero0-sgd-clip", _reference_name(SGD, 1.0)):  # ZeRO-0 and DDP checkpoints, for export
+    # ZeRO-0 and DDP checkpoints, with and without Lookahead, for export
+    for name in ("zero0-sgd-clip", _reference_name(SGD, 1.0), _reference_name(optim, clip)):
         out["checkpoints"][name] = _save(trainers[name])
     return out
 
@@ -111,8 +112,14 @@ def _reference_name(optim, clip):
 
 
 def _save(trainer):
+    """The checkpoint's path, the module's state_dict, and the same with Lookahead's slow weights (None without)."""
     path = trainer.save_checkpoint()
-    return str(path), {k: v.detach().clone() for k, v in trainer.backend.module.state_dict().items()}
+    fast = {k: v.detach().clone() for k, v in trainer.backend.module.state_dict().items()}
+    slow = None
+    if any("lookahead_k" in group for group in trainer.backend.optimizer.param_groups):
+        with trainer.backend.slow_weights():
+            slow = {k: v.detach().clone() for k, v in trainer.backend.module.state_dict().items()}
+    return str(path), fast, slow
 
 
 class PoisonOnce(torch.nn.Module):
@@ -283,16 +290,30 @@ def test_resume_from_a_deepspeed_checkpoint_continues_the_uninterrupted_run(scen
                                rtol=1e-6, atol=0)  # losses and gradient norms
 
 
-@pytest.mark.parametrize("name", ["zero2-lookahead", "zero0-sgd-clip", _reference_name(SGD, 1.0)])
-def test_export_writes_the_weights_of_a_checkpoint_as_a_plain_state_dict(scenarios, name, tmp_path):
-    from dist_train.backends.export import export_state_dict
+EXPORTED = ["zero2-lookahead", "zero0-sgd-clip", _reference_name(SGD, 1.0), _reference_name(*RUNS["zero2-lookahead"][::2])]
 
-    path, saved = scenarios[0]["equivalence"]["checkpoints"][name]
-    exported = torch.load(export_state_dict(path, tmp_path / "model.pt"), weights_only=True)
+
+@pytest.mark.parametrize("weights", ["evaluated", "fast", "slow"])
+@pytest.mark.parametrize("name", EXPORTED)
+def test_export_writes_the_weights_of_a_checkpoint_as_a_plain_state_dict(scenarios, name, weights, tmp_path):
+    from dist_train.backends.export import export_state_dict
+    from dist_train.checkpoint import CheckpointError
+
+    path, fast, slow = scenarios[0]["equivalence"]["checkpoints"][name]
+    if weights == "slow" and slow is None:  # no Lookahead, no slow weights: a clear error, nothing written
+        with pytest.raises(CheckpointError, match="no Lookahead slow weights"):
+            export_state_dict(path, tmp_path / "model.pt", weights=weights)
+        assert not (tmp_path / "model.pt").exists()
+        return
+    exported = torch.load(export_state_dict(path, tmp_path / "model.pt", weights=weights), weights_only=True)
     tiny_net().load_state_dict(exported, strict=True)
-    assert exported.keys() == saved.keys()
-    for key, value in saved.items():
+    # "evaluated" is what the trainer evaluates: the slow weights with Lookahead, the trained ones without.
+    expected = fast if weights == "fast" or slow is None else slow
+    assert exported.keys() == expected.keys()
+    for key, value in expected.items():
         torch.testing.assert_close(exported[key], value, rtol=0, atol=0)
+    if slow is not None:  # the two kinds of weights differ, so the choice is seen
+        assert any(not torch.equal(fast[k], slow[k]) for k in fast)
 
 
 def test_lookahead_slow_weights_reach_the_model_under_zero(scenarios):
@@ -309,7 +330,8 @@ def test_export_command_is_registered():
     parser = argparse.ArgumentParser()
     add_export_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["export", "runs/x/checkpoints/step-00000010", "model.pt"])
-    assert (args.checkpoint, args.out) == ("runs/x/checkpoints/step-00000010", "model.pt")
+    assert (args.checkpoint, args.out, args.weights) == ("runs/x/checkpoints/step-00000010", "model.pt", "evaluated")
+    assert parser.parse_args(["export", "ckpt", "out.pt", "--weights", "fast"]).weights == "fast"
 
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero2-bf16"])

@@ -21,6 +21,7 @@ from dist_train.config import accumulation_steps
 from dist_train.distributed import DistInfo
 
 BACKEND_FILE = "backend.pt"
+SLOW_MODEL_FILE = "model-slow.pt"  # with Lookahead: the slow weights, as a module state_dict
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
@@ -128,6 +129,19 @@ class Backend(abc.ABC):
         state = self.state_dict()
         if self.is_main:
             save_tensor_file(state, directory / BACKEND_FILE)
+
+    def save_slow_weights(self, directory: Path) -> None:
+        """Collective, with Lookahead only: the main rank writes ``SLOW_MODEL_FILE`` into ``directory``.
+
+        It is the module's state_dict with the slow weights swapped in (and the BN statistics as they
+        are), the model that evaluation measures, so ``dist-train export`` can write it without knowing
+        how the optimizer state is laid out or sharded. Resuming does not read it."""
+        if not any("lookahead_k" in group for group in self.optimizer.param_groups):
+            return
+        with self.slow_weights():
+            if self.is_main:
+                save_tensor_file({k: v.detach().cpu() for k, v in self.module.state_dict().items()},
+                                 directory / SLOW_MODEL_FILE)
 
     def load_from(self, directory: Path) -> None:
         """Load what ``save_to`` wrote; a clear error if it belongs to another model or optimizer."""

@@ -7,8 +7,10 @@ dist_train, DeepSpeed or the number of ranks that trained it; use it for evaluat
 - A DeepSpeed ZeRO-1/2 checkpoint holds the fp32 master weights in per-rank partitions:
   DeepSpeed's ``zero_to_fp32`` joins them. A ZeRO-0 checkpoint holds the module as trained.
 
-The weights are the trained (fast) ones; with Lookahead the trainer evaluates the slow weights, which
-stay in the optimizer state and are not exported.
+With Lookahead the trainer evaluates the slow weights, and the checkpoint also holds them as a model
+state_dict (``model-slow.pt``). ``--weights evaluated``, the default, exports those when they are there
+and the trained weights otherwise; ``fast`` always exports the trained (fast) weights, ``slow`` only
+the slow ones.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from pathlib import Path
 import torch
 
 from dist_train.backends.base import BACKEND_FILE as DDP_FILE
+from dist_train.backends.base import SLOW_MODEL_FILE
 from dist_train.checkpoint import MANIFEST, Checkpointer, CheckpointError, load_tensor_file, save_tensor_file
 
 
-def export_state_dict(checkpoint_path_or_dir: str | Path, out_path: str | Path) -> Path:
+WEIGHTS = ("evaluated", "fast", "slow")
+
+
+def export_state_dict(checkpoint_path_or_dir: str | Path, out_path: str | Path, *, weights: str = "evaluated") -> Path:
     """Write the model state_dict of the checkpoint at ``checkpoint_path_or_dir`` to ``out_path``."""
-    state = model_state_dict(checkpoint_path_or_dir)
+    state = model_state_dict(checkpoint_path_or_dir, weights=weights)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -34,8 +40,13 @@ def export_state_dict(checkpoint_path_or_dir: str | Path, out_path: str | Path) 
     return out
 
 
-def model_state_dict(checkpoint_path_or_dir: str | Path) -> dict[str, torch.Tensor]:
-    """The fp32 model state_dict held by a checkpoint directory (DDP or DeepSpeed) or a ``backend.pt``."""
+def model_state_dict(checkpoint_path_or_dir: str | Path, *, weights: str = "evaluated") -> dict[str, torch.Tensor]:
+    """The fp32 model state_dict held by a checkpoint directory (DDP or DeepSpeed) or a ``backend.pt``.
+
+    ``weights``: ``evaluated`` (Lookahead's slow weights where the checkpoint has them, else the trained
+    ones), ``fast`` (the trained weights) or ``slow`` (an error without Lookahead)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHTS)}")
     path = Path(checkpoint_path_or_dir)
     if path.is_file() and path.name == DDP_FILE:
         path = path.parent
@@ -43,7 +54,12 @@ def model_state_dict(checkpoint_path_or_dir: str | Path) -> dict[str, torch.Tens
         raise CheckpointError(f"{str(path)!r} is not a checkpoint directory (step-NNNNNNNN/)")
     if (path / MANIFEST).is_file():  # written by dist_train: check every file against its sha256 first
         Checkpointer(path.parent, keep_last=1, rank=0, world_size=1).verify(path)
-    if (path / DDP_FILE).is_file():
+    if weights == "slow" and not (path / SLOW_MODEL_FILE).is_file():
+        raise CheckpointError(f"checkpoint {path} has no Lookahead slow weights ({SLOW_MODEL_FILE}): it was "
+                              f"trained without optim.lookahead; export --weights fast (or evaluated)")
+    if weights != "fast" and (path / SLOW_MODEL_FILE).is_file():
+        state = load_tensor_file(path / SLOW_MODEL_FILE)
+    elif (path / DDP_FILE).is_file():
         state = load_tensor_file(path / DDP_FILE)["model"]
     elif any(path.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -68,11 +84,15 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     parser.add_argument("checkpoint", metavar="CKPT", help="a checkpoint directory, e.g. runs/x/checkpoints/"
                                                            "step-00001000 (DDP or DeepSpeed)")
     parser.add_argument("out", metavar="OUT", help="the .pt file to write")
+    parser.add_argument("--weights", choices=WEIGHTS, default="evaluated",
+                        help="evaluated (default): Lookahead's slow weights when the run used Lookahead, which is "
+                             "what its test accuracy measured, else the trained weights; fast: the trained "
+                             "weights; slow: the slow weights only")
     parser.set_defaults(func=_run_export)
     return parser
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    out = export_state_dict(args.checkpoint, args.out)
+    out = export_state_dict(args.checkpoint, args.out, weights=args.weights)
     print(f"wrote {out}")
     return 0

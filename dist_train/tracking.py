@@ -27,7 +27,7 @@ class Tracker(Protocol):
 
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None: ...
 
-    def log_artifact(self, path: str | Path) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
     def finish(self, status: str = "FINISHED") -> None: ...
 
@@ -45,7 +45,7 @@ class NullTracker:
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         pass
 
-    def log_artifact(self, path: str | Path) -> None:
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -99,8 +99,9 @@ class MlflowTracker:
         self._put({"op": "metrics", "metrics": {k: float(v) for k, v in metrics.items()}, "step": int(step),
                    "timestamp": int(time.time() * 1000)})
 
-    def log_artifact(self, path: str | Path) -> None:
-        self._put({"op": "artifact", "path": str(Path(path).resolve())})
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Log the file at ``path`` under ``artifact_path`` (a folder of the run's artifacts; None: the top)."""
+        self._put({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def finish(self, status: str = "FINISHED") -> None:
         self._put({"op": "finish", "status": status}, force=True)
@@ -170,7 +171,7 @@ class MlflowTracker:
             for i in range(0, len(items), self._MAX_METRICS):
                 self._client.log_batch(self.run_id, metrics=items[i:i + self._MAX_METRICS])
         elif op == "artifact":
-            self._client.log_artifact(self.run_id, record["path"])
+            self._client.log_artifact(self.run_id, record["path"], artifact_path=record.get("artifact_path"))
         elif op == "finish":
             self._client.set_terminated(self.run_id, status=record["status"])
         else:

@@ -80,11 +80,12 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
     run_id = _resume(trainer, cfg, checkpointer, run_dir)
     trainer.tracker = _start_tracking(cfg, info, run_dir, run_id)
     trainer.logged_through_step = trainer.tracker.last_logged_step() if run_id else 0
-    return _fit_and_report(trainer, info, run_dir)
+    return _fit_and_report(trainer, info, run_dir, log_model=cfg.tracking.enabled and cfg.tracking.log_model)
 
 
-def _fit_and_report(trainer: Any, info: Any, run_dir: Path) -> dict[str, Any]:
-    """Train; the main rank writes ``summary.json`` and final metrics; the MLflow run gets its status."""
+def _fit_and_report(trainer: Any, info: Any, run_dir: Path, *, log_model: bool) -> dict[str, Any]:
+    """Train; the main rank writes ``summary.json``, final metrics and (``log_model``) the model artifact;
+    the MLflow run gets its status."""
     from dist_train.faults import Preempted
 
     status = "FAILED"
@@ -96,6 +97,8 @@ def _fit_and_report(trainer: Any, info: Any, run_dir: Path) -> dict[str, Any]:
             if trainer.tracker.run_id:  # known late if the server was down at the start
                 (run_dir / "mlflow_run_id").write_text(trainer.tracker.run_id)
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            if log_model:
+                _log_model(trainer, run_dir)
             trainer.tracker.log_metrics({f"final/{k}": v for k, v in summary.items()
                                          if isinstance(v, (int, float)) and not isinstance(v, bool)},
                                         step=trainer.progress.step)
@@ -106,6 +109,14 @@ def _fit_and_report(trainer: Any, info: Any, run_dir: Path) -> dict[str, Any]:
     finally:
         trainer.tracker.finish(status)
     return summary
+
+
+def _log_model(trainer: Any, run_dir: Path) -> None:
+    """The final checkpoint's evaluated weights, exported to ``<run_dir>/model/model.pt`` and logged there."""
+    from dist_train.backends.export import export_state_dict
+
+    final = trainer.checkpointer.paths()[-1]  # fit() always checkpoints at the end
+    trainer.tracker.log_artifact(export_state_dict(final, run_dir / "model" / "model.pt"), artifact_path="model")
 
 
 def _noise_scale(cfg: Config, backend: Any, schedule: Any, info: Any) -> tuple[Any, Any]:

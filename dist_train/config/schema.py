@@ -150,6 +150,9 @@ class TrackingConfig:
     """MLflow run name; empty lets MLflow choose one."""
     enabled: bool = True
     """Track the run in MLflow at all."""
+    log_model: bool = True
+    """At the end, log the final checkpoint's evaluated weights (Lookahead's slow ones where used) as the
+    artifact ``model/model.pt``, a plain state_dict as ``dist-train export`` writes it."""
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,8 @@ def test_smoke_runs_every_setting_and_writes_the_report(study, small_shards, tmp
 # --- part 2: warmup at B=3200 ------------------------------------------------------------------
 def test_warmup_part_runs_three_optimizers_with_and_without_warmup_at_one_large_batch(study):
     names = [s.name for s in study.warmup_settings()]
-    assert sorted(names) == sorted(f"b3200-{o}-{w}" for o in ("sgd", "adamw", "radam") for w in ("no_warmup", "warmup"))
+    assert sorted(names) == sorted([*(f"b3200-{o}-{w}" for o in ("sgd", "adamw", "radam") for w in ("no_warmup", "warmup")),
+                                    "b3200-radam_beta2_0.99-no_warmup"])
     for setting in study.warmup_settings():
         for world_size in (1, 2):
             assert study.planned_batches(setting, world_size=world_size) == [3200] * 4, setting.name
@@ -118,12 +119,13 @@ def test_warmup_part_smoke_groups_by_optimizer_and_warmup(study, small_shards, t
                        "--run-root", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("study_fashion_mnist_warmup_smoke").experiment_id])
-    assert len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
-    assert {(r.data.params["optim.name"], r.data.params["schedule.warmup_epochs"]) for r in runs} == {
-        (o, w) for o in ("sgd", "adamw", "radam") for w in ("0.0", "1.0")}
+    assert len(runs) == 7 and {r.info.status for r in runs} == {"FINISHED"}
+    assert {(r.data.params["optim.name"], r.data.params["optim.beta2"], r.data.params["schedule.warmup_epochs"])
+            for r in runs} == {*((o, "0.999", w) for o in ("sgd", "adamw", "radam") for w in ("0.0", "1.0")),
+                               ("radam", "0.99", "0.0")}
     table = (tmp_path / "report" / "results.md").read_text()
-    assert "| optim.name | schedule.warmup_epochs | seeds |" in table
-    assert table.count("| 2 | ") == 6  # 2 updates per run, one row per setting
+    assert "| optim.name | optim.beta2 | schedule.warmup_epochs | seeds |" in table
+    assert table.count("| 2 | ") == 7  # 2 updates per run, one row per setting
 
 
 # --- part 3: Lookahead(RAdam) at twice the lr -------------------------------------------------

@@ -116,7 +116,13 @@ def _log_model(trainer: Any, run_dir: Path) -> None:
     from dist_train.backends.export import export_state_dict
 
     final = trainer.checkpointer.paths()[-1]  # fit() always checkpoints at the end
-    trainer.tracker.log_artifact(export_state_dict(final, run_dir / "model" / "model.pt"), artifact_path="model")
+    try:
+        model_file = export_state_dict(final, run_dir / "model" / "model.pt")
+    except Exception as err:  # the run itself succeeded: keep it FINISHED, say how to get the model
+        log.warning("could not export the final model for MLflow (%s); the checkpoint %s is complete: run "
+                    "`dist-train export %s model.pt` by hand", err, final, final)
+        return
+    trainer.tracker.log_artifact(model_file, artifact_path="model")
 
 
 def _noise_scale(cfg: Config, backend: Any, schedule: Any, info: Any) -> tuple[Any, Any]:

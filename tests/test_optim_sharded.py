@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_train.optim import (LookaheadConfig, OptimConfig, build_optimizer, optimizer_state_bytes, set_hyperparams,
-                              slow_weights)
+from dist_train.optim import (LookaheadConfig, OptimConfig, build_optimizer, has_slow_weights, optimizer_state_bytes,
+                              set_hyperparams, slow_weights)
 from dist_train.optim.sharded import _flat, partition
 from multiproc import run_ranks
 
@@ -114,7 +114,7 @@ def _sharded_rank(rank: int, world_size: int, reference_checkpoints: bytes) -> b
         with slow_weights(opt):  # collective
             slow = _params(model)
         out[key] = {"params": _params(model), "slow": slow, "state_bytes": optimizer_state_bytes(opt),
-                    "checkpoint": checkpoint, "after_slow": _params(model)}
+                    "checkpoint": checkpoint, "after_slow": _params(model), "has_slow": has_slow_weights(opt)}
 
         # A checkpoint from one process resumes here, at world size 2.
         reference = _from_bytes(reference_checkpoints)[key]
@@ -140,7 +140,8 @@ def _unsharded(cfg: OptimConfig, *, resume_from: dict | None = None) -> dict:
     _train(model, model, opt, cfg, range(max(first, CHECKPOINT_STEP), STEPS))
     with slow_weights(opt):
         slow = _params(model)
-    return {"params": _params(model), "slow": slow, "state_bytes": optimizer_state_bytes(opt), "checkpoint": checkpoint}
+    return {"params": _params(model), "slow": slow, "state_bytes": optimizer_state_bytes(opt), "checkpoint": checkpoint,
+            "has_slow": has_slow_weights(opt)}
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +212,12 @@ def test_checkpoint_from_one_process_resumes_on_two_ranks(runs, key):
     reference, ranks = runs
     for out in ranks:
         _assert_params_close(out[key]["resumed_from_1"], reference[key]["params"])
+
+
+@pytest.mark.parametrize("key", sorted(CONFIGS))
+def test_has_slow_weights_sees_lookahead_through_the_sharded_optimizer(runs, key):
+    # Checkpoints write the slow weights (model-slow.pt) exactly when this is true.
+    reference, ranks = runs
+    expected = CONFIGS[key].lookahead is not None
+    assert reference[key]["has_slow"] is expected
+    assert [rank[key]["has_slow"] for rank in ranks] == [expected, expected]

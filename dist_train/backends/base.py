@@ -136,7 +136,9 @@ class Backend(abc.ABC):
         It is the module's state_dict with the slow weights swapped in (and the BN statistics as they
         are), the model that evaluation measures, so ``dist-train export`` can write it without knowing
         how the optimizer state is laid out or sharded. Resuming does not read it."""
-        if not any("lookahead_k" in group for group in self.optimizer.param_groups):
+        from dist_train.optim import has_slow_weights
+
+        if not has_slow_weights(self.optimizer):
             return
         with self.slow_weights():
             if self.is_main:

@@ -31,6 +31,13 @@ def set_hyperparams(optimizer: Optimizer, *, lr: float, momentum: float) -> None
             raise ValueError(f"{type(optimizer).__name__} has no momentum coefficient to set")
 
 
+def has_slow_weights(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer`` is Lookahead, directly or as the local optimizer of the sharded one."""
+    from dist_train.optim.lookahead import Lookahead
+
+    return isinstance(optimizer, Lookahead) or isinstance(getattr(optimizer, "local", None), Lookahead)
+
+
 def slow_weights(optimizer: Optimizer) -> ContextManager[None]:
     """Within the block the model holds Lookahead's slow weights (evaluate or export them there); the fast
     weights come back afterwards. A no-op without Lookahead. Collective for the sharded optimizer."""

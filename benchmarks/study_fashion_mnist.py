@@ -307,7 +307,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-every-epochs", type=float, default=EVAL_EVERY_EPOCHS)
     p.add_argument("--smoke", action="store_true",
                    help="every setting for 2 steps with a tiny model: checks the plumbing")
-    p.add_argument("--log-to-mlflow", action="store_true", help="also log the report's PNGs and table to MLflow")
+    p.add_argument("--log-to-mlflow", action=argparse.BooleanOptionalAction, default=True,
+                   help="also log the report's PNGs and table to MLflow, as a run named 'report' (default: yes)")
     return p.parse_args(argv)
 
 

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from dist_train.report import REPORT_TAG
+
 REPO = Path(__file__).resolve().parents[1]
+NOT_REPORT = "attributes.run_name != 'report'"  # the training runs, not the report's own run
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +59,12 @@ def test_smoke_runs_every_setting_and_writes_the_report(study, small_shards, tmp
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("study_fashion_mnist_smoke")
-    runs = client.search_runs([experiment.experiment_id])
+    runs = client.search_runs([experiment.experiment_id], filter_string=NOT_REPORT)
     assert len(runs) == 10 and {r.info.status for r in runs} == {"FINISHED"}
+    # The plots and the table are logged to MLflow too, in a run of their own.
+    (report_run,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{REPORT_TAG}` = 'true'")
+    assert sorted(a.path for a in client.list_artifacts(report_run.info.run_id, "report")) == [
+        "report/acc_vs_epochs.png", "report/acc_vs_updates.png", "report/results.md"]
     assert {r.data.params["train.seed"] for r in runs} == {"0"}
     assert {int(r.data.metrics["final/step"]) for r in runs} == {2}
     modes = {r.info.run_name: r.data.params["schedule.mode"] for r in runs}
@@ -72,7 +79,7 @@ def test_smoke_runs_every_setting_and_writes_the_report(study, small_shards, tmp
     # Finished runs are skipped: a second call trains nothing and rewrites the report.
     assert study.main(["--smoke", "--shards", str(small_shards), "--tracking-uri", uri, "--run-root",
                        str(tmp_path / "runs"), "--out", str(tmp_path / "report"), "--only", "adaptive"]) == 0
-    assert len(client.search_runs([experiment.experiment_id])) == 10
+    assert len(client.search_runs([experiment.experiment_id], filter_string=NOT_REPORT)) == 10
 
 
 # --- part 2: warmup at B=3200 ------------------------------------------------------------------
@@ -118,7 +125,8 @@ def test_warmup_part_smoke_groups_by_optimizer_and_warmup(study, small_shards, t
     assert study.main(["--part", "warmup", "--smoke", "--shards", str(small_shards), "--tracking-uri", uri,
                        "--run-root", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
     client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name("study_fashion_mnist_warmup_smoke").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("study_fashion_mnist_warmup_smoke").experiment_id],
+                              filter_string=NOT_REPORT)
     assert len(runs) == 7 and {r.info.status for r in runs} == {"FINISHED"}
     assert {(r.data.params["optim.name"], r.data.params["optim.beta2"], r.data.params["schedule.warmup_epochs"])
             for r in runs} == {*((o, "0.999", w) for o in ("sgd", "adamw", "radam") for w in ("0.0", "1.0")),

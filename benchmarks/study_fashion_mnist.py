@@ -10,8 +10,8 @@ then writes the plots and the table to docs/study/. docs/study.md gives the prot
 
 ``--part warmup`` runs the second experiment, on the claim that RAdam needs no warmup at a large batch:
 SGD, AdamW and RAdam trained at B=3200 from the first step with the lr scaled up from B=128, each
-without and with one epoch of linear warmup, and RAdam with beta2 0.99, 3 seeds each; its report goes
-to docs/study/warmup/.
+without and with one epoch of linear warmup, RAdam with beta2 0.99, and AdamW and RAdam at the
+linearly scaled lr without and with warmup, 3 seeds each; its report goes to docs/study/warmup/.
 ``--part lookahead_lr`` reruns decay_lr with RAdam and Lookahead(RAdam) at twice the lr, to test why
 Lookahead trails RAdam in part 1; its report, in docs/study/lookahead_lr/, includes part 1's runs.
 
@@ -130,16 +130,22 @@ def settings() -> list[Setting]:
 
 
 # RAdam's rectification is itself a warmup whose length is set by beta2 (r_t ~ 0.2 after 94 steps at
-# 0.999, ~0.6 at 0.99): the seventh setting shortens it, without an lr warmup.
+# 0.999, ~0.6 at 0.99): one more setting shortens it, without an lr warmup.
 RADAM_SHORT_RECTIFICATION = (*LARGE_BATCH_OPTIMIZERS["radam"], "optim.beta2=0.99")
+# At the square-root lr no optimizer may need warmup at all. The Adam family at the linearly scaled lr,
+# 3e-3 x 25 = 0.075, is where Adam's first steps are known to be unstable: AdamW and RAdam there, with
+# and without warmup.
+LINEAR_LR = {name: (*o_over, "schedule.lr_scaling=linear") for name, o_over in
+             (("adamw_linear_lr", ADAMW), ("radam_linear_lr", RADAM))}
 
 
 def warmup_settings() -> list[Setting]:
-    """The 7 settings of part 2: SGD, AdamW and RAdam at B=3200 from the start, without and with warmup,
-    and RAdam with beta2 0.99 without warmup."""
+    """The 11 settings of part 2 at B=3200 from the start: SGD, AdamW and RAdam without and with warmup;
+    RAdam with beta2 0.99 without warmup; AdamW and RAdam at the linearly scaled lr without and with warmup."""
+    with_and_without = {**LARGE_BATCH_OPTIMIZERS, **LINEAR_LR}
     return [*(Setting(f"b{LARGE_BATCH}-{optimizer}-{'warmup' if warm else 'no_warmup'}",
                       (*LARGE_BATCH_COMMON, *o_over, *(WARMUP if warm else ())))
-              for optimizer, o_over in LARGE_BATCH_OPTIMIZERS.items() for warm in (False, True)),
+              for optimizer, o_over in with_and_without.items() for warm in (False, True)),
             Setting(f"b{LARGE_BATCH}-radam_beta2_0.99-no_warmup", (*LARGE_BATCH_COMMON, *RADAM_SHORT_RECTIFICATION))]
 
 
@@ -175,7 +181,8 @@ class Part:
 
 PARTS = {
     "schedules": Part(settings, EXPERIMENT, ("schedule.mode", "optim.name", "optim.lookahead.k"), REPO / "docs" / "study"),
-    "warmup": Part(warmup_settings, f"{EXPERIMENT}_warmup", ("optim.name", "optim.beta2", "schedule.warmup_epochs"),
+    "warmup": Part(warmup_settings, f"{EXPERIMENT}_warmup",
+                   ("optim.name", "optim.beta2", "schedule.lr_scaling", "schedule.warmup_epochs"),
                    REPO / "docs" / "study" / "warmup"),
     "lookahead_lr": Part(lookahead_lr_settings, f"{EXPERIMENT}_lookahead_lr",
                          ("optim.name", "optim.lookahead.k", "optim.lr"), REPO / "docs" / "study" / "lookahead_lr",

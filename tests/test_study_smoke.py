@@ -85,14 +85,16 @@ def test_smoke_runs_every_setting_and_writes_the_report(study, small_shards, tmp
 # --- part 2: warmup at B=3200 ------------------------------------------------------------------
 def test_warmup_part_runs_three_optimizers_with_and_without_warmup_at_one_large_batch(study):
     names = [s.name for s in study.warmup_settings()]
-    assert sorted(names) == sorted([*(f"b3200-{o}-{w}" for o in ("sgd", "adamw", "radam") for w in ("no_warmup", "warmup")),
+    optimizers = ("sgd", "adamw", "radam", "adamw_linear_lr", "radam_linear_lr")
+    assert sorted(names) == sorted([*(f"b3200-{o}-{w}" for o in optimizers for w in ("no_warmup", "warmup")),
                                     "b3200-radam_beta2_0.99-no_warmup"])
     for setting in study.warmup_settings():
         for world_size in (1, 2):
             assert study.planned_batches(setting, world_size=world_size) == [3200] * 4, setting.name
 
 
-@pytest.mark.parametrize("optimizer, target_lr", [("sgd", 0.1 * 3200 / 128), ("adamw", 3e-3 * 5), ("radam", 3e-3 * 5)])
+@pytest.mark.parametrize("optimizer, target_lr", [("sgd", 0.1 * 3200 / 128), ("adamw", 3e-3 * 5), ("radam", 3e-3 * 5),
+                                                  ("adamw_linear_lr", 3e-3 * 25), ("radam_linear_lr", 3e-3 * 25)])
 def test_warmup_part_lr_path_is_the_scaling_rule_then_milestones(study, optimizer, target_lr):
     # SGD scales linearly from B=128 (0.1 -> 2.5), the Adam family by the square root (3e-3 -> 0.015). With
     # warmup the lr ramps linearly over the first epoch from 1/25 of the target; both then fall by 5 at
@@ -105,7 +107,7 @@ def test_warmup_part_lr_path_is_the_scaling_rule_then_milestones(study, optimize
         name = f"b3200-{optimizer}-{'warmup' if warm else 'no_warmup'}"
         setting = next(s for s in study.warmup_settings() if s.name == name)
         cfg = load_config(None, [*study.COMMON, *setting.overrides])
-        assert cfg.optim.name == optimizer and cfg.train.global_batch_size == 3200
+        assert cfg.optim.name == optimizer.split("_")[0] and cfg.train.global_batch_size == 3200
         schedule = Schedule(cfg.schedule, base_lr=cfg.optim.lr, base_momentum=cfg.optim.momentum,
                             base_global_batch_size=cfg.train.global_batch_size, dataset_size=n,
                             optimizer_family=optimizer_family(cfg.optim.name), batch_granularity=64)
@@ -127,13 +129,14 @@ def test_warmup_part_smoke_groups_by_optimizer_and_warmup(study, small_shards, t
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("study_fashion_mnist_warmup_smoke").experiment_id],
                               filter_string=NOT_REPORT)
-    assert len(runs) == 7 and {r.info.status for r in runs} == {"FINISHED"}
-    assert {(r.data.params["optim.name"], r.data.params["optim.beta2"], r.data.params["schedule.warmup_epochs"])
-            for r in runs} == {*((o, "0.999", w) for o in ("sgd", "adamw", "radam") for w in ("0.0", "1.0")),
-                               ("radam", "0.99", "0.0")}
+    assert len(runs) == 11 and {r.info.status for r in runs} == {"FINISHED"}
+    keys = ("optim.name", "optim.beta2", "schedule.lr_scaling", "schedule.warmup_epochs")
+    assert {tuple(r.data.params[k] for k in keys) for r in runs} == {
+        *((o, "0.999", "linear" if o == "sgd" else "sqrt", w) for o in ("sgd", "adamw", "radam") for w in ("0.0", "1.0")),
+        *((o, "0.999", "linear", w) for o in ("adamw", "radam") for w in ("0.0", "1.0")), ("radam", "0.99", "sqrt", "0.0")}
     table = (tmp_path / "report" / "results.md").read_text()
-    assert "| optim.name | optim.beta2 | schedule.warmup_epochs | seeds |" in table
-    assert table.count("| 2 | ") == 7  # 2 updates per run, one row per setting
+    assert "| optim.name | optim.beta2 | schedule.lr_scaling | schedule.warmup_epochs | seeds |" in table
+    assert table.count("| 2 | ") == 11  # 2 updates per run, one row per setting
 
 
 # --- part 3: Lookahead(RAdam) at twice the lr -------------------------------------------------

@@ -43,7 +43,7 @@ demo: debs-demo venv
 
 # pytest exits 5 when it collected no tests; that is a failure here, and says so.
 test: debs-test venv
-	@$(BIN)/python -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	@DIST_TRAIN_REQUIRE_INFRA=1 $(BIN)/python -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests - failing" >&2; fi; exit $$rc
 
 clean:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from infra import skip_or_fail
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PHOTO_CACHE = REPO_ROOT / ".cache" / "test-data" / "foolbox-imagenet"
 FOOLBOX_REQUIREMENT = "foolbox==3.3.4"
@@ -56,7 +58,7 @@ def _fetch_photos(dest: Path) -> None:
         output = result.stdout + result.stderr
         if result.returncode != 0:
             if any(sign in output for sign in _OFFLINE_SIGNS):
-                pytest.skip(f"no network: cannot download {FOOLBOX_REQUIREMENT} for its ImageNet photos "
+                skip_or_fail(f"no network: cannot download {FOOLBOX_REQUIREMENT} for its ImageNet photos "
                             f"(CI has network access to the package index)")
             pytest.fail(f"pip download {FOOLBOX_REQUIREMENT} failed:\n{output[-2000:]}")
         wheels = sorted(download_dir.glob("foolbox-*.whl"))

@@ -29,6 +29,7 @@ from typing import Iterator
 
 import pytest
 
+from infra import skip_or_fail
 from infra.daemons import DaemonError, free_port, spawn, stop, wait_until
 
 PG_USER, PG_PASSWORD, PG_DB = "mlflow", "mlflow-test-only", "mlflow"
@@ -162,7 +163,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     """A running PostgreSQL server with an empty ``mlflow`` database; skipped without the packages."""
     reason = _unavailable_reason()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
     with PostgresServer.running() as server:
         yield server
 

@@ -29,6 +29,7 @@ from typing import Iterator
 
 import pytest
 
+from infra import skip_or_fail
 from infra.daemons import Daemon, DaemonError, free_port, log_tail, port_open, spawn, stop, wait_until
 
 BINARIES = ("munged", "mungekey", "mariadb-install-db", "mariadbd", "mariadb", "slurmdbd", "slurmctld", "slurmd",
@@ -234,6 +235,6 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     """A running private SLURM cluster for the whole session; skipped without root or the packages."""
     reason = unavailable_reason()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
     with SlurmCluster.running() as cluster:
         yield cluster

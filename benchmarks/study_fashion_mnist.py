@@ -347,8 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.time()
     failed = run_all(todo, parallel=args.jobs or (1 if args.smoke else 2))
     print(f"[study] {len(todo) - len(failed)} of {len(todo)} runs trained in {time.time() - started:.0f} s", flush=True)
-    # The parts this one is compared with, under the same naming (their _smoke experiments with --smoke).
-    others = [experiment.replace(part.experiment, PARTS[name].experiment, 1) for name in part.compare_with]
+    # The parts this one is compared with, by their default experiments (the _smoke ones with --smoke).
+    others = [PARTS[name].experiment + ("_smoke" if args.smoke else "") for name in part.compare_with]
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)

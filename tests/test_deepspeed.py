@@ -20,7 +20,7 @@ from dist_train.backends import build_backend
 from dist_train.config import BackendConfig, TrainConfig
 from dist_train.distributed import DistInfo
 from dist_train.noise_scale import GradientNoiseScale
-from dist_train.optim import build_optimizer, slow_weights
+from dist_train.optim import build_optimizer, has_slow_weights, slow_weights
 from dist_train.optim.config import LookaheadConfig, OptimConfig
 from harness import ListSchedule, global_batches, make_trainer, params_of, rank_stream, tiny_net
 from multiproc import run_ranks
@@ -116,7 +116,7 @@ def _save(trainer):
     path = trainer.save_checkpoint()
     fast = {k: v.detach().clone() for k, v in trainer.backend.module.state_dict().items()}
     slow = None
-    if any("lookahead_k" in group for group in trainer.backend.optimizer.param_groups):
+    if has_slow_weights(trainer.backend.optimizer):
         with trainer.backend.slow_weights():
             slow = {k: v.detach().clone() for k, v in trainer.backend.module.state_dict().items()}
     return str(path), fast, slow

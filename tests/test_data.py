@@ -63,3 +63,43 @@ def test_training_stream_is_reproducible_for_a_seed(small_shards):
     a = run_ranks(_train_batches_on_rank, small_shards, 20, world_size=1)[0]
     b = run_ranks(_train_batches_on_rank, small_shards, 20, world_size=1)[0]
     assert torch.equal(a, b)
+
+
+def test_loader_workers_die_with_a_killed_rank():
+    # A rank killed outright cannot stop its workers, and they ignore SIGTERM (it is the rank's signal). A
+    # worker busy in the pipeline (here: asleep after its first sample, as on a stalled shard read) does not
+    # notice its parent's death by itself; an orphan would hold the rank's stdout and stderr open, and
+    # torchrun's caller would wait on it forever.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = """
+import os, time, torch
+from dist_train.data.loader import _loader
+class Stalls(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield torch.zeros(1)
+        time.sleep(600)
+batches = iter(_loader(Stalls(), 2, seed=0))
+next(batches)
+print(" ".join(open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split()), flush=True)
+time.sleep(600)
+"""
+    rank = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    workers = [int(pid) for pid in rank.stdout.readline().split()]
+    assert len(workers) == 2
+    rank.kill()
+    rank.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in workers if os.path.exists(f"/proc/{pid}") and
+                 "State:\tZ" not in open(f"/proc/{pid}/status").read()]
+    for pid in alive:  # do not leave them behind if the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"loader workers {alive} outlived their killed rank"

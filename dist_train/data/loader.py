@@ -165,3 +165,17 @@ def _worker_init(worker_id: int) -> None:
     # and a worker acting on SIGUSR2 (submitit's requeue signal) would requeue the job itself.
     for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when its rank dies. A rank killed outright (OOM killer, torchrun tearing a
+    group down) cannot stop its workers, and since they ignore SIGTERM above, an orphan would live on and
+    hold the rank's stdout, stderr and memory."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

@@ -44,6 +44,7 @@ stopped; a run cut off mid-way resumes from its checkpoint under the same MLflow
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -51,7 +52,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
@@ -242,13 +243,46 @@ def planned_batches(setting: Setting, *, dataset_size: int = N_TRAIN, world_size
 
 
 # --- running ------------------------------------------------------------------------------------
-def train_one(overrides: list[str]) -> dict[str, Any]:
-    """One run, in this process (a worker of the pool, or the driver itself); its summary and wall time."""
-    from dist_train.train import run
+def train_command(overrides: Sequence[str]) -> list[str]:
+    """``dist-train train`` with ``overrides``, in a fresh interpreter of this Python."""
+    return [sys.executable, "-m", "dist_train", "train", *overrides]
 
-    started = time.time()
-    summary = run(None, overrides)
-    return {**summary, "wall_s": time.time() - started}
+
+def run_all(jobs: list[tuple[str, list[str]]], *, parallel: int) -> list[str]:
+    """Train every (name, overrides), ``parallel`` at a time; returns the names that failed.
+
+    Each run is a process of its own (``dist-train train``): a run that dies, even by a signal inside a
+    native kernel, fails only its own setting, and every run starts from a clean interpreter (threads,
+    RNGs, memory). A process pool would not do: one crashed worker breaks the pool and every run after it.
+    """
+    import signal
+    import subprocess
+
+    # This checkout first on the path, as for the driver itself (sys.path above).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
+    failed: list[str] = []
+    pending = list(jobs)
+    running: dict[str, tuple[subprocess.Popen, float, list[str]]] = {}
+    while pending or running:
+        while pending and len(running) < max(parallel, 1):
+            name, overrides = pending.pop(0)
+            running[name] = (subprocess.Popen(train_command(overrides), env=env), time.time(), overrides)
+        time.sleep(0.2)
+        for name, (proc, started, overrides) in list(running.items()):
+            rc = proc.poll()
+            if rc is None:
+                continue
+            del running[name]
+            summary_file = Path(_value(overrides, "train.run_dir")) / "summary.json"
+            if rc != 0 or not summary_file.is_file():
+                how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+                print(f"[study] {name}: FAILED ({how}); its log is above", flush=True)
+                failed.append(name)
+                continue
+            result = json.loads(summary_file.read_text())
+            print(f"[study] {name}: test acc1 {result['eval/acc1']:.4f} after {result['step']} updates, "
+                  f"{time.time() - started:.0f} s", flush=True)
+    return failed
 
 
 def _ensure_experiment(tracking_uri: str, experiment: str) -> None:
@@ -258,38 +292,6 @@ def _ensure_experiment(tracking_uri: str, experiment: str) -> None:
     client = MlflowClient(tracking_uri=tracking_uri)
     if client.get_experiment_by_name(experiment) is None:
         client.create_experiment(experiment)
-
-
-def run_all(jobs: list[tuple[str, list[str]]], *, parallel: int) -> list[str]:
-    """Train every (name, overrides); returns the names that failed. ``parallel`` > 1 uses fresh processes."""
-    failed: list[str] = []
-
-    def done(name: str, result: dict[str, Any] | None, error: BaseException | None = None) -> None:
-        if error is not None:
-            failed.append(name)
-            print(f"[study] {name}: FAILED: {error!r}", flush=True)
-        else:
-            print(f"[study] {name}: test acc1 {result['eval/acc1']:.4f} after {result['step']} updates, "
-                  f"{result['wall_s']:.0f} s", flush=True)
-
-    if parallel <= 1:
-        for name, overrides in jobs:
-            try:
-                done(name, train_one(overrides))
-            except Exception as err:  # one failed run must not stop the others
-                done(name, None, err)
-        return failed
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    # spawn and one task per process: every run starts from a clean interpreter (threads, RNGs, memory).
-    with ProcessPoolExecutor(max_workers=parallel, mp_context=multiprocessing.get_context("spawn"),
-                             max_tasks_per_child=1) as pool:
-        futures = {pool.submit(train_one, overrides): name for name, overrides in jobs}
-        for future in as_completed(futures):
-            error = future.exception()
-            done(futures[future], None if error else future.result(), error)
-    return failed
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -310,7 +312,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--smoke: 0)")
     p.add_argument("--only", nargs="+", default=None, metavar="NAME",
                    help="run only the settings whose name contains one of these")
-    p.add_argument("--jobs", type=int, default=None, help="runs at a time, one thread each (default: 2; --smoke: 1)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at a time, one process and thread each (default: 2; --smoke: 1)")
     p.add_argument("--eval-every-epochs", type=float, default=EVAL_EVERY_EPOCHS)
     p.add_argument("--smoke", action="store_true",
                    help="every setting for 2 steps with a tiny model: checks the plumbing")

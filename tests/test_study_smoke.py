@@ -8,6 +8,7 @@ path of the study, in seconds.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -48,12 +49,29 @@ def test_every_batch_of_every_schedule_divides_into_micro_batches(study, world_s
         assert batches == expected[setting.name.split("-")[0]], setting.name
 
 
+def test_a_run_that_dies_by_a_signal_fails_only_its_own_setting(study, tmp_path, monkeypatch):
+    # A native crash (the oneDNN bug of docs/cpu.md was one) kills the process of one run: the runs beside
+    # and after it still train, and the crashed one is reported by its signal.
+    def command(overrides):
+        run_dir = Path(study._value(overrides, "train.run_dir"))
+        if run_dir.name == "crash":
+            return [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGBUS)"]
+        summary = json.dumps({"eval/acc1": 0.5, "step": 2})
+        return [sys.executable, "-c", f"import pathlib; d = pathlib.Path({str(run_dir)!r}); d.mkdir(parents=True); "
+                                      f"(d / 'summary.json').write_text({summary!r})"]
+
+    monkeypatch.setattr(study, "train_command", command)
+    jobs = [(name, [f"train.run_dir={tmp_path / name}"]) for name in ("before", "crash", "after", "beside")]
+    assert study.run_all(jobs, parallel=2) == ["crash"]
+    assert all((tmp_path / name / "summary.json").is_file() for name in ("before", "after", "beside"))
+
+
 def test_smoke_runs_every_setting_and_writes_the_report(study, small_shards, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative to the working directory
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    rc = study.main(["--smoke", "--shards", str(small_shards), "--tracking-uri", uri, "--run-root",
+    rc = study.main(["--smoke", "--jobs", "2", "--shards", str(small_shards), "--tracking-uri", uri, "--run-root",
                      str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
     assert rc == 0
 
@@ -124,7 +142,7 @@ def test_warmup_part_smoke_groups_by_optimizer_and_warmup(study, small_shards, t
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert study.main(["--part", "warmup", "--smoke", "--shards", str(small_shards), "--tracking-uri", uri,
+    assert study.main(["--part", "warmup", "--smoke", "--jobs", "2", "--shards", str(small_shards), "--tracking-uri", uri,
                        "--run-root", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
     client = MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("study_fashion_mnist_warmup_smoke").experiment_id],

@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from dist_train.checkpoint import load_tensor_file  # noqa: E402
 from dist_train.config import load_config  # noqa: E402
+from dist_train.cpu import apply_memory_format  # noqa: E402
 from dist_train.data import loader  # noqa: E402
 from dist_train.data.shards import read_manifest  # noqa: E402
 from dist_train.models import build_model  # noqa: E402
@@ -67,8 +68,7 @@ def check(run_dir: Path, batches: int) -> dict[str, float]:
     for slow in (False, True) if has_slow else (False,):
         model = build_model(cfg.model.name, num_classes=len(manifest["classes"]),
                             in_channels=manifest["image"]["channels"], width=cfg.model.width)
-        if cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        apply_memory_format(model, channels_last=cfg.model.channels_last, device=torch.device("cpu"))
         model.load_state_dict(state["model"])
         # The optimizer maps its state to the parameters; its slow_weights() swaps the slow ones in.
         optimizer = build_optimizer(model, cfg.optim)

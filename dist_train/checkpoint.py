@@ -3,7 +3,8 @@
 A checkpoint is a directory ``step-NNNNNNNN/`` holding
   - ``rank-R.pt``: each rank's own training state (progress, RNG streams, noise-scale averages);
   - the backend's files (DDP: ``backend.pt`` written by rank 0; DeepSpeed: its per-rank shards);
-  - ``MANIFEST.json``: the world size and a sha256 per file, written last.
+  - ``MANIFEST.json``: the world size, facts of the run that a resume must keep (``run``: the resolved
+    precision), and a sha256 per file, written last.
 It is written under a temporary name and renamed into place by rank 0 once every rank is done,
 so a crash leaves either the previous set of checkpoints or the new one, never half of one. On
 load, a checkpoint whose files do not match its manifest is reported and skipped for the
@@ -76,8 +77,10 @@ class Checkpointer:
         return sorted(p for p in self.directory.iterdir() if _NAME.match(p.name) and (p / MANIFEST).is_file())
 
     # --- save --------------------------------------------------------------------------------
-    def save(self, *, step: int, rank_state: dict[str, Any], save_backend: Callable[[Path], None]) -> Path:
-        """Collective: every rank calls it. ``save_backend(tmp_dir)`` writes the backend's files."""
+    def save(self, *, step: int, rank_state: dict[str, Any], save_backend: Callable[[Path], None],
+             run: dict[str, Any] | None = None) -> Path:
+        """Collective: every rank calls it. ``save_backend(tmp_dir)`` writes the backend's files; ``run``
+        (JSON values) goes into the manifest, for ``run_facts`` to read back before a resume."""
         final = self.directory / f"step-{step:08d}"
         tmp = self.directory / f".step-{step:08d}.tmp"
         if self.is_main:
@@ -89,7 +92,7 @@ class Checkpointer:
         self.barrier()
         if self.is_main:
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
-            manifest = {"step": step, "world_size": self.world_size,
+            manifest = {"step": step, "world_size": self.world_size, "run": run or {},
                         "files": {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
                                   for p in files}}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -127,6 +130,17 @@ class Checkpointer:
                 continue
             return path
         return None
+
+    @staticmethod
+    def run_facts(path: Path | None) -> dict[str, Any]:
+        """The ``run`` facts recorded in checkpoint ``path``'s manifest; empty for none, or for a checkpoint
+        written before they were recorded."""
+        if path is None:
+            return {}
+        try:
+            return dict(json.loads((path / MANIFEST).read_text()).get("run", {}))
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {path} has no readable {MANIFEST} ({err})") from None
 
     def load_rank_state(self, path: Path) -> dict[str, Any]:
         """This rank's own state from a checkpoint ``latest_valid()`` returned (its checksums were verified

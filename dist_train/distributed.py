@@ -105,6 +105,12 @@ def _attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.S
     return dist.PrefixStore(f"dist_train/attempt_{attempt}", store)
 
 
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank; nothing to wait for in one process."""
+    if info.is_distributed:
+        dist.barrier()
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA). Ranks pass the same seed so models start identical."""
     random.seed(seed)

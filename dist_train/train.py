@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,12 @@ def run(config_path: str | None, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 def train(cfg: Config, info: Any) -> dict[str, Any]:
-    import torch
-
     from dist_train.backends import build_backend
     from dist_train.checkpoint import Checkpointer
+    from dist_train.cpu import apply_memory_format, resolve_precision
     from dist_train.data import loader
     from dist_train.data.shards import read_manifest
-    from dist_train.distributed import seed_everything
+    from dist_train.distributed import barrier, seed_everything
     from dist_train.models import build_model
     from dist_train.optim import build_optimizer, set_hyperparams
     from dist_train.schedule import Schedule, optimizer_family
@@ -48,10 +49,18 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
 
     model = build_model(cfg.model.name, num_classes=num_classes, in_channels=manifest["image"]["channels"],
                         width=cfg.model.width)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    apply_memory_format(model, channels_last=cfg.model.channels_last, device=info.device)  # CPU-safe: docs/cpu.md
+    run_dir = Path(cfg.train.run_dir)
+    checkpointer = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+                                rank=info.rank, world_size=info.world_size, barrier=partial(barrier, info))
+    latest = checkpointer.latest_valid() if cfg.checkpoint.resume else None
+    # Before the backend exists: DeepSpeed casts the model at set-up. A resumed run keeps its precision.
+    precision, warnings = resolve_precision(cfg.train.precision, info.device,
+                                            recorded=Checkpointer.run_facts(latest).get("precision"))
+    for warning in warnings if info.is_main else ():
+        log.warning("%s", warning)
     backend = build_backend(cfg.backend.name, info, micro_batch_size=cfg.train.micro_batch_size,
-                            **cfg.backend.options(cfg.train))
+                            **cfg.backend.options(replace(cfg.train, precision=precision)))
     backend.setup(model, lambda m: build_optimizer(m, cfg.optim, shard=cfg.backend.shard_optimizer_state))
     schedule = Schedule(cfg.schedule, base_lr=cfg.optim.lr, base_momentum=cfg.optim.momentum,
                         base_global_batch_size=cfg.train.global_batch_size, dataset_size=dataset_size,
@@ -59,9 +68,6 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
                         batch_granularity=cfg.train.micro_batch_size * info.world_size)
 
     noise, controller = _noise_scale(cfg, backend, schedule, info)
-    run_dir = Path(cfg.train.run_dir)
-    checkpointer = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
-                                rank=info.rank, world_size=info.world_size, barrier=backend.barrier)
     mean, std = loader.NORMALISATION.get(manifest["dataset"], ((0.5,) * manifest["image"]["channels"],) * 2)
     data_seed = cfg.train.seed * 7919 + 1
     trainer = Trainer(
@@ -77,8 +83,8 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
         max_bad_sample_fraction=cfg.data.max_bad_sample_fraction,
         checkpoint_every_steps=cfg.checkpoint.every_steps, noise=noise, batch_controller=controller,
     )
-    run_id = _resume(trainer, cfg, checkpointer, run_dir)
-    trainer.tracker = _start_tracking(cfg, info, run_dir, run_id)
+    run_id = _resume(trainer, latest, run_dir)
+    trainer.tracker = _start_tracking(cfg, info, run_dir, run_id, precision=precision)
     trainer.logged_through_step = trainer.tracker.last_logged_step() if run_id else 0
     return _fit_and_report(trainer, info, run_dir, log_model=cfg.tracking.enabled and cfg.tracking.log_model)
 
@@ -143,9 +149,8 @@ def _noise_scale(cfg: Config, backend: Any, schedule: Any, info: Any) -> tuple[A
     return noise, controller
 
 
-def _resume(trainer: Any, cfg: Config, checkpointer: Any, run_dir: Path) -> str | None:
-    """Load the latest checkpoint if asked to; returns the MLflow run id to continue, if any."""
-    latest = checkpointer.latest_valid() if cfg.checkpoint.resume else None
+def _resume(trainer: Any, latest: Path | None, run_dir: Path) -> str | None:
+    """Load checkpoint ``latest``, if any; returns the MLflow run id to continue, if any."""
     if latest is None:
         return None
     trainer.load_checkpoint(latest)
@@ -154,7 +159,7 @@ def _resume(trainer: Any, cfg: Config, checkpointer: Any, run_dir: Path) -> str 
     return run_id_file.read_text().strip() if run_id_file.is_file() else None
 
 
-def _start_tracking(cfg: Config, info: Any, run_dir: Path, run_id: str | None) -> Any:
+def _start_tracking(cfg: Config, info: Any, run_dir: Path, run_id: str | None, *, precision: str) -> Any:
     from dist_train.tracking import build_tracker
 
     tracker = build_tracker(cfg.tracking, is_main=info.is_main, run_id=run_id,
@@ -166,6 +171,7 @@ def _start_tracking(cfg: Config, info: Any, run_dir: Path, run_id: str | None) -
         if tracker.run_id:
             (run_dir / "mlflow_run_id").write_text(tracker.run_id)
         if run_id is None:  # a continued run already has its params
-            tracker.log_params({**flatten(cfg), "world_size": info.world_size})
+            # train.precision may say auto: what it resolved to is a param of its own
+            tracker.log_params({**flatten(cfg), "world_size": info.world_size, "precision": precision})
             tracker.log_artifact(config_file)
     return tracker

@@ -115,7 +115,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Collective: every rank writes its part, rank 0 makes the checkpoint appear atomically."""
         path = self.checkpointer.save(step=self.progress.step, rank_state=self.rank_state_dict(),
-                                      save_backend=self._save_backend_files)
+                                      save_backend=self._save_backend_files,
+                                      run={"precision": self.backend.precision})
         # The steps at which checkpoints exist, beside the metrics (the directory is the checkpoint.dir param).
         if self.tracker is not None and self.progress.step > self.logged_through_step:
             self.tracker.log_metrics({"checkpoint/step": float(self.progress.step)}, step=self.progress.step)

@@ -63,7 +63,7 @@ def test_recipe_loads_strictly_as_resnet50_on_imagenet(name):
     cfg = load_config(IMAGENET / name)
     assert cfg.model.name == "resnet50" and cfg.model.channels_last
     assert cfg.data.shards == "data/shards/imagenet" and cfg.data.image_size == 224
-    assert cfg.train.epochs == 90 and cfg.train.precision == "bf16"
+    assert cfg.train.epochs == 90 and cfg.train.precision == "auto"
     assert cfg.train.global_batch_size == 8192 and cfg.train.micro_batch_size == 256
     assert cfg.schedule.milestones_epochs == (30, 60, 80)
     assert Path(cfg.train.run_dir).name == Path(name).stem == cfg.tracking.run_name

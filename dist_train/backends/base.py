@@ -18,7 +18,7 @@ from torch import nn
 
 from dist_train.checkpoint import CheckpointError, load_tensor_file, save_tensor_file
 from dist_train.config import accumulation_steps
-from dist_train.distributed import DistInfo
+from dist_train.distributed import DistInfo, barrier
 
 BACKEND_FILE = "backend.pt"
 SLOW_MODEL_FILE = "model-slow.pt"  # with Lookahead: the slow weights, as a module state_dict
@@ -27,6 +27,9 @@ OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 class Backend(abc.ABC):
     """Set-up, backward, optimizer step, batch size, collectives and state of one training run."""
+
+    precision: str = "fp32"
+    """The numerics it trains in, ``fp32``, ``bf16`` or ``fp16`` (resolved: never ``auto``); checkpoints record it."""
 
     def __init__(self, info: DistInfo, *, micro_batch_size: int):
         self.info = info
@@ -105,8 +108,7 @@ class Backend(abc.ABC):
         return tensor
 
     def barrier(self) -> None:
-        if self.info.is_distributed:
-            dist.barrier()
+        barrier(self.info)
 
     @property
     def is_main(self) -> bool:

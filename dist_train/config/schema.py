@@ -43,7 +43,9 @@ class ModelConfig:
     name: str = "cifar_resnet20"
     """Model by name: ``resnet18``, ``resnet50`` (torchvision) or ``cifar_resnet{8,20,32,56}`` for 28-32 px inputs."""
     channels_last: bool = False
-    """Use the channels_last memory format (faster on GPUs with tensor cores)."""
+    """Use the channels_last memory format: faster on GPUs with tensor cores, and measured 5-34% faster on an
+    AVX2 CPU (docs/performance.md). On CPU the few convolutions that oneDNN mishandles in it stay in the
+    default layout (docs/cpu.md)."""
     width: int = 16
     """Channels in the first stage of a CIFAR-style ResNet (ignored by torchvision models)."""
 
@@ -72,9 +74,11 @@ class TrainConfig:
     """This run's outputs: the resolved config, ``summary.json`` and, unless set elsewhere, checkpoints."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` picks CUDA when available (one GPU per local rank), else CPU."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     """Numerics of the forward pass: DDP runs it under bf16 autocast (fp32 weights and optimizer); DeepSpeed
-    trains in bf16, or fp16 with loss scaling on GPUs, keeping fp32 master weights."""
+    trains in bf16, or fp16 with loss scaling on GPUs, keeping fp32 master weights. ``auto`` is bf16 on CUDA
+    GPUs and CPUs with native bf16, fp32 elsewhere: emulated bf16 costs 8-15x on a CPU without it
+    (docs/cpu.md). A resumed run keeps the precision its checkpoint records."""
     nonfinite_loss: Literal["stop", "skip"] = "stop"
     """On a NaN/Inf loss: ``stop`` with a clear error (the last good checkpoint stays), or ``skip`` the update
     and count it (``train/skipped_steps``)."""

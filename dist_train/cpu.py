@@ -20,6 +20,7 @@ import functools
 import logging
 import platform
 from pathlib import Path
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -27,9 +28,11 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+Precision = Literal["fp32", "bf16", "fp16"]
+"""A resolved precision: what ``auto`` becomes."""
 # Measured by benchmarks/bench_cpu_precision.py on a 2-core AMD EPYC (AVX2, no native bf16), one thread:
 # bf16 autocast against fp32, CPU time per training step (docs/performance.md).
-EMULATED_BF16_SLOWDOWN = {"resnet50": 11.7, "resnet18": 15.2, "the demo model": 8.1}
+EMULATED_BF16_SLOWDOWN = {"resnet50": 12.3, "resnet18": 15.2, "the demo model": 8.4}
 
 
 def cpu_capability() -> str:
@@ -62,7 +65,8 @@ def native_bf16() -> bool:
     which torch's probes do not see. Everything else: no."""
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64", "i686", "x86"):
-        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        probes: list[Any] = [getattr(torch.cpu, name, None)
+                             for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
         if all(callable(p) for p in probes):
             try:
                 return any(bool(p()) for p in probes)
@@ -82,7 +86,7 @@ def _cuda_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(requested: str, device: torch.device, *,
-                      recorded: str | None = None) -> tuple[str, list[str]]:
+                      recorded: str | None = None) -> tuple[Precision, list[str]]:
     """The precision this run trains in (``fp32``, ``bf16`` or ``fp16``, never ``auto``), and the warnings
     the main rank should print about it.
 
@@ -110,7 +114,7 @@ def resolve_precision(requested: str, device: torch.device, *,
                         f"autocast is "
                         f"emulated, measured {costs} slower than fp32 (docs/performance.md); set "
                         f"train.precision=auto (fp32 here, bf16 on GPUs) or fp32")
-    return resolved, warnings
+    return cast(Precision, resolved), warnings
 
 
 def _describe(device: torch.device) -> str:
@@ -125,9 +129,8 @@ def _describe(device: torch.device) -> str:
 ONEDNN_BUG_MAX_IN_CHANNELS = 7
 
 
-def _hits_onednn_bug(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and max(module.stride) > 1
-            and module.in_channels <= ONEDNN_BUG_MAX_IN_CHANNELS)
+def _hits_onednn_bug(conv: nn.Conv2d) -> bool:
+    return conv.kernel_size == (1, 1) and max(conv.stride) > 1 and conv.in_channels <= ONEDNN_BUG_MAX_IN_CHANNELS
 
 
 def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
@@ -148,7 +151,7 @@ def apply_memory_format(model: nn.Module, *, channels_last: bool, device: torch.
         return torch.contiguous_format
     model.to(memory_format=torch.channels_last)
     if device.type == "cpu":
-        routed = [m for m in model.modules() if _hits_onednn_bug(m)]
+        routed = [m for m in model.modules() if isinstance(m, nn.Conv2d) and _hits_onednn_bug(m)]
         for conv in routed:
             conv.weight.data = conv.weight.data.clone(memory_format=torch.contiguous_format)
             conv.register_forward_pre_hook(_contiguous_input)

@@ -118,7 +118,8 @@ def test_explicit_bf16_warns_exactly_where_the_cpu_lacks_native_bf16(native, has
         assert warnings == []
     else:
         (warning,) = warnings
-        assert "emulated" in warning and "train.precision=auto" in warning and "11.7x for resnet50" in warning
+        assert "emulated" in warning and "train.precision=auto" in warning
+        assert f"{cpu.EMULATED_BF16_SLOWDOWN['resnet50']:g}x for resnet50" in warning  # the measured cost
 
 
 @pytest.mark.parametrize("gpu_bf16", [True, False])

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_data import imagenet_photos, photo_class_index  # noqa: F401  (pytest fixture)
+from fixtures_data import photo_class_index
 from PIL import Image
 
 from dist_train.data import imagenet, jpeg
@@ -33,7 +33,7 @@ def _wnid(class_index: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def imagenet_src(tmp_path_factory, imagenet_photos):  # noqa: F811
+def imagenet_src(tmp_path_factory, imagenet_photos):
     """train/<wnid>/<wnid>_<NN>.JPEG, and a flat val/ with LOC_val_solution.csv."""
     root = tmp_path_factory.mktemp("imagenet")
     rows = []
@@ -167,7 +167,7 @@ def test_other_label_file_variants(tmp_path):
         imagenet.read_val_labels(tmp_path / "odd.txt", names, synset_mapping=None)
 
 
-def test_flat_val_without_labels_is_a_clear_error(imagenet_photos, tmp_path):  # noqa: F811
+def test_flat_val_without_labels_is_a_clear_error(imagenet_photos, tmp_path):
     (tmp_path / "src" / "train" / "n00000001").mkdir(parents=True)
     shutil.copy(imagenet_photos[0], tmp_path / "src" / "train" / "n00000001" / "a.JPEG")
     (tmp_path / "src" / "val").mkdir()
@@ -176,7 +176,7 @@ def test_flat_val_without_labels_is_a_clear_error(imagenet_photos, tmp_path):  #
         imagenet.write_imagenet_shards(tmp_path / "src", tmp_path / "out", progress=False)
 
 
-def test_non_jpeg_file_is_stored_as_jpeg(tmp_path, imagenet_photos):  # noqa: F811
+def test_non_jpeg_file_is_stored_as_jpeg(tmp_path, imagenet_photos):
     fake = tmp_path / "n02105855_2933.JPEG"  # ImageNet's PNG in disguise has this name
     Image.open(imagenet_photos[0]).save(fake, format="PNG")
     with pytest.warns(UserWarning, match="not a JPEG"):
@@ -196,7 +196,7 @@ def backend(request) -> str:
     return request.param
 
 
-def test_decoders_give_uint8_chw(imagenet_photos, backend):  # noqa: F811
+def test_decoders_give_uint8_chw(imagenet_photos, backend):
     train, evaluate = train_decoder(224, seed=0, backend=backend), eval_decoder(224, 256, backend=backend)
     for photo in imagenet_photos:
         data = photo.read_bytes()
@@ -204,7 +204,7 @@ def test_decoders_give_uint8_chw(imagenet_photos, backend):  # noqa: F811
             assert out.dtype == torch.uint8 and out.shape == (3, 224, 224) and out.is_contiguous()
 
 
-def test_train_decoder_is_seeded(imagenet_photos, backend):  # noqa: F811
+def test_train_decoder_is_seeded(imagenet_photos, backend):
     data = [p.read_bytes() for p in imagenet_photos[:5]]
     a, b, c = (train_decoder(224, seed=s, backend=backend) for s in (1, 1, 2))
     outs_a, outs_b, outs_c = ([d(x) for x in data] for d in (a, b, c))
@@ -213,7 +213,7 @@ def test_train_decoder_is_seeded(imagenet_photos, backend):  # noqa: F811
 
 
 @pytest.mark.skipif(jpeg.simplejpeg is None, reason="simplejpeg (the optional faster decoder) is not installed")
-def test_backends_give_identical_tensors(imagenet_photos):  # noqa: F811
+def test_backends_give_identical_tensors(imagenet_photos):
     for photo in imagenet_photos:
         data = photo.read_bytes()
         assert torch.equal(eval_decoder(backend="pillow")(data), eval_decoder(backend="simplejpeg")(data))
@@ -221,7 +221,7 @@ def test_backends_give_identical_tensors(imagenet_photos):  # noqa: F811
                            train_decoder(seed=3, backend="simplejpeg")(data))
 
 
-def test_eval_decoder_matches_torchvision_resize_center_crop(imagenet_photos, backend):  # noqa: F811
+def test_eval_decoder_matches_torchvision_resize_center_crop(imagenet_photos, backend):
     import torchvision.transforms as T
 
     reference = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
@@ -239,7 +239,7 @@ def _decode_crop(data: bytes, box, backend: str) -> tuple[torch.Tensor, tuple[in
     return resize_uint8(crop, 224, 224)[0].float(), (pixels.shape[3], pixels.shape[2])
 
 
-def test_train_crop_equals_torchvision_resized_crop_at_full_scale(imagenet_photos, backend):  # noqa: F811
+def test_train_crop_equals_torchvision_resized_crop_at_full_scale(imagenet_photos, backend):
     import torchvision.transforms.functional as F
 
     photo = imagenet_photos[0]
@@ -250,7 +250,7 @@ def test_train_crop_equals_torchvision_resized_crop_at_full_scale(imagenet_photo
         assert (ours - expected).abs().max().item() <= 1  # torch's and Pillow's kernels agree
 
 
-def test_reduced_scale_decode_is_close_to_full_decode(imagenet_photos, backend):  # noqa: F811
+def test_reduced_scale_decode_is_close_to_full_decode(imagenet_photos, backend):
     import torchvision.transforms.functional as F
 
     big = [p for p in imagenet_photos if Image.open(p).size[0] >= 1000]
@@ -273,16 +273,16 @@ def test_crop_boxes_follow_torchvision_distribution():
             for _ in range(draws)]
     theirs = [T.RandomResizedCrop.get_params(torch.empty(3, height, width), [0.08, 1.0], [3 / 4, 4 / 3])
               for _ in range(draws)]
-    ours_area = np.mean([(r - l) * (b - t) for l, t, r, b in ours]) / (width * height)
+    ours_area = np.mean([(r - x0) * (b - t) for x0, t, r, b in ours]) / (width * height)
     theirs_area = np.mean([h * w for _, _, h, w in theirs]) / (width * height)
-    ours_left = np.mean([l for l, _, _, _ in ours])
+    ours_left = np.mean([x0 for x0, _, _, _ in ours])
     theirs_left = np.mean([j for _, j, _, _ in theirs])
     assert abs(ours_area - theirs_area) < 0.03 and abs(ours_left - theirs_left) < 8
-    assert all(0 <= l < r <= width and 0 <= t < b <= height for l, t, r, b in ours)
+    assert all(0 <= x0 < r <= width and 0 <= t < b <= height for x0, t, r, b in ours)
 
 
 @pytest.mark.parametrize("mode", ["L", "CMYK"])
-def test_greyscale_and_cmyk_jpegs_become_rgb(imagenet_photos, mode, backend):  # noqa: F811
+def test_greyscale_and_cmyk_jpegs_become_rgb(imagenet_photos, mode, backend):
     buffer = io.BytesIO()
     Image.open(imagenet_photos[0]).convert(mode).save(buffer, format="JPEG")
     expected = eval_decoder(224, 256, backend="pillow")(buffer.getvalue())
@@ -290,7 +290,7 @@ def test_greyscale_and_cmyk_jpegs_become_rgb(imagenet_photos, mode, backend):  #
     assert train_decoder(224, seed=0, backend=backend)(buffer.getvalue()).shape == (3, 224, 224)
 
 
-def test_corrupt_jpegs_raise_bad_sample(imagenet_photos, backend):  # noqa: F811
+def test_corrupt_jpegs_raise_bad_sample(imagenet_photos, backend):
     data = imagenet_photos[0].read_bytes()
     corrupt = {"truncated": data[: len(data) // 3], "garbage": bytes(range(256)) * 40, "empty": b"",
                "header only": data[:600], "png bytes": b"\x89PNG\r\n\x1a\n" + data[8:2000]}
@@ -337,7 +337,6 @@ def test_every_validation_sample_is_seen_exactly_once_across_two_ranks(imagenet_
 
 
 def test_pipe_and_http_shard_sources_read_the_same_samples(imagenet_shards, tmp_path):
-    import subprocess
     import sys
 
     from infra.daemons import free_port, port_open, spawn, stop, wait_until
@@ -358,7 +357,7 @@ def test_pipe_and_http_shard_sources_read_the_same_samples(imagenet_shards, tmp_
     assert served == local
 
 
-def test_corrupt_jpeg_in_a_shard_is_skipped_and_counted(imagenet_photos, tmp_path):  # noqa: F811
+def test_corrupt_jpeg_in_a_shard_is_skipped_and_counted(imagenet_photos, tmp_path):
     from dist_train.config import DataConfig
     from dist_train.data.loader import eval_batches, train_batches
     from dist_train.data.shards import SplitSource, write_shards
@@ -378,3 +377,33 @@ def test_corrupt_jpeg_in_a_shard_is_skipped_and_counted(imagenet_photos, tmp_pat
     drawn = [next(stream) for _ in range(10)]  # 40 good samples, about 10 bad ones skipped on the way
     bad = sum(int(b["bad_samples"]) for b in drawn)
     assert 4 <= bad <= 20 and all(len(b["label"]) == 4 for b in drawn)
+
+
+# --- the recipes themselves, on a CPU ----------------------------------------------------------------
+@pytest.mark.parametrize("recipe, backend", [("goyal_sgd_b8192.yaml", "ddp"),
+                                             ("radam_lookahead_b8192.yaml", "deepspeed")])
+def test_a_recipe_with_data_batch_and_step_overrides_runs_on_cpu_at_cpu_precision(imagenet_shards, tmp_path,
+                                                                                    recipe, backend):
+    # The recipes say train.precision=auto: bf16 on GPUs, fp32 on a CPU without native bf16, where bf16
+    # would be emulated at 8-15x the cost (docs/cpu.md). A try-out on a laptop needs no precision override.
+    import json
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from dist_train.cpu import native_bf16
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "dist_train", "train", str(repo / "configs" / "imagenet" / recipe),
+           f"data.shards={imagenet_shards}", "data.num_workers=0", "train.global_batch_size=4",
+           "train.micro_batch_size=2", "train.max_steps=2", "train.progress_bar=false", f"backend.name={backend}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)  # runs/ and mlflow.db here
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = "bf16" if native_bf16() else "fp32"
+    assert "emulated" not in proc.stderr
+    (checkpoint,) = (tmp_path / "runs" / "imagenet" / Path(recipe).stem / "checkpoints").glob("step-*")
+    assert json.loads((checkpoint / "MANIFEST.json").read_text())["run"]["precision"] == expected
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("imagenet_resnet50").experiment_id])
+    assert run.data.params["train.precision"] == "auto" and run.data.params["precision"] == expected

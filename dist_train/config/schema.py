@@ -43,9 +43,9 @@ class ModelConfig:
     name: str = "cifar_resnet20"
     """Model by name: ``resnet18``, ``resnet50`` (torchvision) or ``cifar_resnet{8,20,32,56}`` for 28-32 px inputs."""
     channels_last: bool = False
-    """Use the channels_last memory format: faster on GPUs with tensor cores, and measured 5-34% faster on an
-    AVX2 CPU (docs/performance.md). On CPU the few convolutions that oneDNN mishandles in it stay in the
-    default layout (docs/cpu.md)."""
+    """Use the channels_last memory format: faster on GPUs with tensor cores, and on an AVX2 CPU measured 4-27%
+    faster for the demo model and torchvision ResNets (slower for a width-4 toy; docs/performance.md). On CPU
+    the few convolutions that oneDNN mishandles in it stay in the default layout (docs/cpu.md)."""
     width: int = 16
     """Channels in the first stage of a CIFAR-style ResNet (ignored by torchvision models)."""
 

@@ -1,4 +1,4 @@
-"""The measured gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al.; THEORY.md section 2).
+"""The measured gradient noise scale B_simple = tr(Sigma) / |G|^2 (McCandlish et al.; docs/theory.md section 2).
 
 Three parts, each usable alone:
 

@@ -1,6 +1,6 @@
 """The ImageNet recipes in configs/imagenet/: strict loading, and the schedule each one asks for.
 
-The expected (lr, B, m) tables are computed by hand from the papers' recipes (THEORY.md sections 1
+The expected (lr, B, m) tables are computed by hand from the papers' recipes (docs/theory.md sections 1
 and 6), not from the schedule code: lr 0.1 per 256 scaled linearly to 3.2 at B=8192, warmup from 0.1
 over 5 epochs (lr = 0.1 + 3.1 e / 5 at epoch e), lr / 10 at epochs 30, 60 and 80.
 """

@@ -1,4 +1,4 @@
-"""The measured gradient noise scale (McCandlish et al.; THEORY.md section 2).
+"""The measured gradient noise scale (McCandlish et al.; docs/theory.md section 2).
 
 The synthetic problem is linear regression y = x.w* + n with x ~ N(0, I_d), n ~ N(0, s^2), per-example
 loss (x.w - y)^2 / 2, evaluated at a fixed w = w* + delta. The per-example gradient is x (x.delta - n), so

@@ -1,4 +1,4 @@
-"""Lookahead against THEORY.md section 4, state round trips inside the k-cycle, and slow-weight evaluation."""
+"""Lookahead against docs/theory.md section 4, state round trips inside the k-cycle, and slow-weight evaluation."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _problem(steps: int, seed: int = 0):
 
 
 def lookahead_reference(steps: int, *, k: int, alpha: float, lr: float, momentum: float):
-    """THEORY section 4 around torch-style momentum SGD (b = m b + g; theta -= lr b), whose buffer is kept
+    """docs/theory.md section 4 around torch-style momentum SGD (b = m b + g; theta -= lr b), whose buffer is kept
     across syncs. Returns the fast and the slow weights after ``steps`` steps."""
     theta, c, noise = _problem(steps)
     phi, b = theta.copy(), np.zeros_like(theta)

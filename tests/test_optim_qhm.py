@@ -1,4 +1,4 @@
-"""QHM against THEORY.md section 5 and its special cases (heavy ball, Nesterov, plain SGD)."""
+"""QHM against docs/theory.md section 5 and its special cases (heavy ball, Nesterov, plain SGD)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RAdam against THEORY.md section 3, written out in float64 numpy, and against torch.optim.RAdam."""
+"""RAdam against docs/theory.md section 3, written out in float64 numpy, and against torch.optim.RAdam."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _grad(theta: np.ndarray, c: np.ndarray, noise: np.ndarray) -> np.ndarray:
 
 def radam_reference(steps: int, *, lrs: list[float], beta1s: list[float], beta2: float, eps: float,
                     weight_decay: float, decoupled: bool, threshold: float = 5.0) -> list[np.ndarray]:
-    """THEORY section 3 one line at a time; m_hat divides by 1 - prod(beta1_i) (= 1 - beta1^t when constant)."""
+    """docs/theory.md section 3 one line at a time; m_hat divides by 1 - prod(beta1_i) (= 1 - beta1^t when constant)."""
     starts, curvatures, noise = _problem(steps)
     out = []
     rho_inf = 2 / (1 - beta2) - 1

@@ -1,4 +1,4 @@
-"""The noise-scale schedule against hand-computed tables (Smith et al., THEORY.md section 1)."""
+"""The noise-scale schedule against hand-computed tables (Smith et al., docs/theory.md section 1)."""
 
 from __future__ import annotations
 

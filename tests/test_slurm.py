@@ -14,12 +14,12 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+from infra import probes
+from infra.slurm_cluster import SlurmCluster
 
 from dist_train.launch import slurm
 from dist_train.launch.local import torchrun_command
 from dist_train.launch.sweep import sweep_members
-from infra import probes
-from infra.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (session fixture)
 
 # The probes module is not importable in the job; ship its functions inside the pickles.
 cloudpickle.register_pickle_by_value(probes)
@@ -151,9 +151,9 @@ def test_sweep_grid_is_a_product_and_members_get_their_own_outputs():
 
 
 def test_torchrun_command_single_and_multi_node():
-    single = torchrun_command("configs/x.yaml", ["optim.lr=0.1"], nproc_per_node=2)
+    single = torchrun_command("configs/demo.yaml", ["optim.lr=0.1"], nproc_per_node=2)
     assert single[1:] == ["-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone", "-m",
-                          "dist_train.cli", "train", "configs/x.yaml", "optim.lr=0.1"]
+                          "dist_train.cli", "train", "configs/demo.yaml", "optim.lr=0.1"]
     multi = torchrun_command(None, [], nproc_per_node=8, nnodes=4, rdzv_endpoint="node0:29400")
     assert "--rdzv-backend=c10d" in multi and "--rdzv-endpoint=node0:29400" in multi and "--nnodes=4" in multi
     with pytest.raises(ValueError, match="rdzv-endpoint"):

@@ -93,7 +93,7 @@ class Backend(abc.ABC):
 
     # --- gradient noise scale ------------------------------------------------------------------
     def enable_noise_scale(self) -> None:
-        """Start measuring |G_small|^2 and |G_big|^2 each step (THEORY section 2). Call after ``setup``."""
+        """Start measuring |G_small|^2 and |G_big|^2 each step (docs/theory.md section 2). Call after ``setup``."""
         raise NotImplementedError(f"{type(self).__name__} cannot measure the gradient noise scale")
 
     def noise_measurement(self) -> Any:

@@ -1,6 +1,6 @@
 """Optimizers: RAdam, QHM, torch's SGD and AdamW, optional Lookahead, optional sharded state (ZeRO-1).
 
-THEORY.md sections 3-5 define them; docs/optimizers.md shows the settings and measurements.
+docs/theory.md sections 3-5 define them; docs/optimizers.md shows the settings and measurements.
 """
 
 from dist_train.optim.config import LookaheadConfig, OptimConfig

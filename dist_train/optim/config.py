@@ -38,7 +38,7 @@ class OptimConfig:
     eps: float = 1e-8
     """radam/adamw: denominator epsilon."""
     qhm_nu: float = 0.7
-    """qhm: gamma in THEORY section 5 (1 = heavy ball, beta = Nesterov)."""
+    """qhm: gamma in docs/theory.md section 5 (1 = heavy ball, beta = Nesterov)."""
     weight_decay: float = 5e-4
     """Weight decay; biases and normalisation weights are excluded."""
     decoupled_weight_decay: bool = False

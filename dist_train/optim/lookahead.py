@@ -1,4 +1,4 @@
-"""Lookahead (Zhang et al. 2019), THEORY.md section 4: k fast steps forward, one slow step back.
+"""Lookahead (Zhang et al. 2019), docs/theory.md section 4: k fast steps forward, one slow step back.
 
     phi_0 = theta_0
     every step:       theta <- theta + A(theta)          (the inner optimizer)
@@ -45,7 +45,7 @@ class Lookahead(Optimizer):
                          "lookahead_alpha": self.param_groups[0]["lookahead_alpha"]}
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         # Parameters seen with a gradient for the first time: remember theta before the inner step
         # moves it. The slow weights enter the state only after the inner step, because torch's
         # optimizers initialise a parameter's state only when they find it empty.

@@ -1,9 +1,9 @@
-"""Quasi-hyperbolic momentum, THEORY.md section 5 (Gitman et al. 2019; Ma and Yarats 2019).
+"""Quasi-hyperbolic momentum, docs/theory.md section 5 (Gitman et al. 2019; Ma and Yarats 2019).
 
     d_t     = beta d_{t-1} + (1 - beta) g_t          (d_0 = 0)
     theta_t = theta_{t-1} - lr [(1 - nu) g_t + nu d_t]
 
-``nu`` is gamma in THEORY (config ``qhm_nu``): nu=1 is normalised heavy ball, i.e. torch SGD with
+``nu`` is gamma in docs/theory.md (config ``qhm_nu``): nu=1 is normalised heavy ball, i.e. torch SGD with
 momentum beta and lr * (1 - beta); nu=beta is Nesterov in the same normalisation; nu=0 is plain
 SGD. Torch has no QHM, hence this file.
 """
@@ -36,7 +36,7 @@ class QHM(Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():

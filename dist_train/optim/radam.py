@@ -1,8 +1,8 @@
-"""RAdam (Liu et al., ICLR 2020), THEORY.md section 3, with multi-tensor updates.
+"""RAdam (Liu et al., ICLR 2020), docs/theory.md section 3, with multi-tensor updates.
 
 Why not ``torch.optim.RAdam``: its bias correction is ``1 - beta1**t`` with the *current* beta1,
 which is wrong once the schedule changes the momentum during training (the momentum rule of
-THEORY section 1). The first moment is an exponential average with weights that sum to
+docs/theory.md section 1). The first moment is an exponential average with weights that sum to
 ``1 - prod_i beta1_i``, so that product is what we divide by. We keep it per parameter in the
 state (``beta1_product``); with a constant beta1 it equals ``beta1**t`` and this optimizer matches
 ``torch.optim.RAdam`` (tests/test_optim_radam.py checks both). beta2 is not scheduled and is
@@ -31,7 +31,7 @@ RHO_THRESHOLD = 5.0
 
 
 def rho(step: int, beta2: float) -> float:
-    """rho_t: length of the approximated simple moving average behind v_t (THEORY section 3)."""
+    """rho_t: length of the approximated simple moving average behind v_t (docs/theory.md section 3)."""
     rho_inf = 2.0 / (1.0 - beta2) - 1.0
     beta2_t = beta2**step
     return rho_inf - 2.0 * step * beta2_t / (1.0 - beta2_t)
@@ -65,7 +65,7 @@ class RAdam(Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -14,7 +14,7 @@ def set_hyperparams(optimizer: Optimizer, *, lr: float, momentum: float) -> None
     """Set the learning rate and the momentum coefficient on every parameter group.
 
     The momentum coefficient is what the optimizer calls momentum: for sgd, m in torch's unnormalised
-    buffer ``b = m b + g`` (the effective lr is lr / (1 - m), THEORY section 1); for radam and adamw,
+    buffer ``b = m b + g`` (the effective lr is lr / (1 - m), docs/theory.md section 1); for radam and adamw,
     beta1 of the normalised first moment ``m = beta1 m + (1 - beta1) g``; for qhm, beta of the normalised
     buffer ``d = beta d + (1 - beta) g``. Works through Lookahead (shared groups) and the sharded optimizer
     (its groups reach the local optimizer at the next step).

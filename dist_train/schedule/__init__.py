@@ -1,4 +1,4 @@
-"""Noise-scale schedules: grow the batch instead of decaying the lr (THEORY.md sections 1-2). No torch import.
+"""Noise-scale schedules: grow the batch instead of decaying the lr (docs/theory.md sections 1-2). No torch import.
 
 The trainer's contract::
 

@@ -1,9 +1,9 @@
 """Schedule config (no torch import).
 
-The schedule turns the noise-scale ideas of THEORY.md section 1 into settings: which way the
+The schedule turns the noise-scale ideas of docs/theory.md section 1 into settings: which way the
 noise scale falls at each milestone (lr decay, batch growth, or both), the linear scaling rule,
 warmup, the momentum rule, and the adaptive batch growth driven by the measured gradient noise
-scale (THEORY.md section 2). docs/schedule.md shows each setting with a worked example.
+scale (docs/theory.md section 2). docs/schedule.md shows each setting with a worked example.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The scaling rules of THEORY.md section 1 as pure functions (no torch import).
+"""The scaling rules of docs/theory.md section 1 as pure functions (no torch import).
 
 Two optimizer families write momentum differently, and the rules differ with them:
 

@@ -76,7 +76,7 @@ class Schedule:
         self.momentum = base_momentum
         self.start_global_batch_size = base_global_batch_size
         if cfg.momentum_rule_momentum is not None:
-            # Trade momentum for batch at the same noise scale; the lr stays (THEORY section 1).
+            # Trade momentum for batch at the same noise scale; the lr stays (docs/theory.md section 1).
             self.momentum = cfg.momentum_rule_momentum
             self.start_global_batch_size = momentum_rule_batch_size(
                 base_global_batch_size, momentum=base_momentum, new_momentum=cfg.momentum_rule_momentum,

@@ -21,9 +21,11 @@ def _train(args: argparse.Namespace) -> int:
 def _print_config(args: argparse.Namespace) -> int:
     import yaml
 
-    from dist_train.config import load_config, to_dict
+    from dist_train.config import check, load_config, to_dict
 
-    print(yaml.safe_dump(to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+    cfg = load_config(args.config, args.overrides)
+    check(cfg, world_size=args.world_size)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
 
@@ -48,11 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", nargs="?", default=None, help="YAML file under configs/ (optional)")
         p.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=0.1")
         p.set_defaults(func=func)
+        if name == "config":
+            p.add_argument("--world-size", type=int, default=None, metavar="N",
+                           help="also check that every batch the schedule uses divides over N ranks")
     from dist_train.data.cli import add_make_shards_parser
 
     add_make_shards_parser(sub)
-    from dist_train.report import add_report_parser
     from dist_train.backends.export import add_export_parser
+    from dist_train.report import add_report_parser
 
     add_export_parser(sub)
 

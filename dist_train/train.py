@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from dist_train.config import Config, check_world_size, flatten, load_config, to_dict
+from dist_train.config import Config, check, flatten, load_config, to_dict
 
 log = logging.getLogger("dist_train")
 
@@ -19,7 +19,9 @@ log = logging.getLogger("dist_train")
 def run(config_path: str | None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Train with the config at ``config_path`` plus dotted ``overrides``; returns the final metrics."""
     cfg = load_config(config_path, overrides)
-    from dist_train.distributed import init_distributed, shutdown
+    from dist_train.distributed import init_distributed, read_launch_env, shutdown
+
+    check(cfg, world_size=read_launch_env()[1])  # every rank, before the process group: one line each
 
     info = init_distributed(device=cfg.train.device, threads_per_rank=cfg.train.threads_per_rank,
                             timeout_s=cfg.train.dist_timeout_s)
@@ -35,13 +37,13 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
     from dist_train.cpu import apply_memory_format, resolve_precision
     from dist_train.data import loader
     from dist_train.data.shards import read_manifest
-    from dist_train.distributed import barrier, seed_everything
+    from dist_train.distributed import barrier, data_seed, seed_everything
     from dist_train.models import build_model
     from dist_train.optim import build_optimizer, set_hyperparams
     from dist_train.schedule import Schedule, optimizer_family
     from dist_train.trainer import Normalise, Trainer
 
-    check_world_size(cfg.train, info.world_size)
+    check(cfg, world_size=info.world_size)  # also for callers that skip run()
     seed_everything(cfg.train.seed)
     manifest = read_manifest(cfg.data.shards)
     num_classes = len(manifest["classes"])
@@ -69,12 +71,12 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
 
     noise, controller = _noise_scale(cfg, backend, schedule, info)
     mean, std = loader.NORMALISATION.get(manifest["dataset"], ((0.5,) * manifest["image"]["channels"],) * 2)
-    data_seed = cfg.train.seed * 7919 + 1
     trainer = Trainer(
         cfg.train, backend=backend, schedule=schedule, set_hyperparams=set_hyperparams,
         train_loader_fn=lambda: loader.train_batches(manifest, cfg.data,
                                                      micro_batch_size=cfg.train.micro_batch_size, rank=info.rank,
-                                                     world_size=info.world_size, seed=data_seed),
+                                                     world_size=info.world_size,
+                                                     seed=data_seed(cfg.train.seed)),
         eval_loader_fn=lambda: loader.eval_batches(manifest, cfg.data,
                                                    micro_batch_size=cfg.train.micro_batch_size, rank=info.rank,
                                                    world_size=info.world_size),

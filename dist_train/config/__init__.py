@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dist_train.config.check import check
 from dist_train.config.loader import ConfigError, flatten, from_dict, merge_overrides, read_yaml, to_dict
 from dist_train.config.schema import (
     BackendConfig,
@@ -35,14 +36,8 @@ def accumulation_steps(global_batch_size: int, *, micro_batch_size: int, world_s
     return global_batch_size // per_step
 
 
-def check_world_size(train: TrainConfig, world_size: int) -> int:
-    """Accumulation steps of ``train`` at ``world_size``, checked before anything starts."""
-    return accumulation_steps(train.global_batch_size, micro_batch_size=train.micro_batch_size,
-                              world_size=world_size)
-
-
 __all__ = [
     "BackendConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "ModelConfig",
-    "TrackingConfig", "TrainConfig", "accumulation_steps", "check_world_size", "flatten", "from_dict", "load_config",
+    "TrackingConfig", "TrainConfig", "accumulation_steps", "check", "flatten", "from_dict", "load_config",
     "merge_overrides", "to_dict",
 ]

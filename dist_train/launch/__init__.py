@@ -69,11 +69,11 @@ def _add_slurm(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_local(args: argparse.Namespace) -> int:
-    from dist_train.config import load_config
+    from dist_train.config import check, load_config
     from dist_train.launch.local import run_torchrun, torchrun_command
 
-    try:
-        load_config(args.config, args.overrides)  # fail here rather than once per rank
+    try:  # fail here, before torchrun starts, rather than once per rank
+        check(load_config(args.config, args.overrides), world_size=args.nproc * args.nnodes)
         cmd = torchrun_command(args.config, args.overrides, nproc_per_node=args.nproc, nnodes=args.nnodes,
                                rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id,
                                max_restarts=args.max_restarts)
@@ -123,5 +123,8 @@ def _parse_sbatch(items: list[str]) -> dict[str, object]:
 
 
 def _usage_error(err: Exception) -> int:
-    print(f"dist-train launch: error: {err}", file=sys.stderr)
+    from dist_train.config import ConfigError
+
+    kind = "dist-train: config error" if isinstance(err, ConfigError) else "dist-train launch: error"
+    print(f"{kind}: {err}", file=sys.stderr)
     return 2

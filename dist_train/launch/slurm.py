@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, TextIO
 
-from dist_train.config import check_world_size, load_config
+from dist_train.config import check, load_config
 from dist_train.launch.preemption import PreemptionGuard
 from dist_train.launch.sweep import SweepMember, keys_of, separate_outputs
 
@@ -56,9 +56,9 @@ class TrainJob:
         # cuda:LOCAL_RANK among them, as under torchrun.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         guard = PreemptionGuard.install(getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG))
-        entry = self.entry
-        if entry is None:
-            from dist_train.train import run as entry
+        from dist_train.train import run
+
+        entry = self.entry or run
         try:
             return entry(self.config_path, list(self.overrides))
         except Exception as err:
@@ -124,18 +124,19 @@ def plan_jobs(config_path: str | None, overrides: Sequence[str], *, members: Seq
               world_size: int, entry: Entry | None = None) -> list[TrainJob]:
     """One ``TrainJob`` per sweep member (or one for no sweep), each config validated before submission.
 
-    Validating here turns a typo or a global batch that does not divide over the ranks into an
-    error now, not after the job has waited in the queue.
+    Validating here (``dist_train.config.check``) turns a typo, a rule across sections or a global batch
+    that does not divide over the ranks into an error now, not after the job has waited in the queue.
     """
     config = str(Path(config_path).resolve()) if config_path else None
     jobs = []
-    for member in members or [None]:
+    candidates: list[SweepMember | None] = [*members] or [None]
+    for member in candidates:
         own = (*overrides, *member.overrides) if member else tuple(overrides)
         if member:
             separate = separate_outputs(load_config(config, own), member, given_keys=keys_of(member.overrides))
             own = (*own, *separate)
         cfg = load_config(config, own)
-        check_world_size(cfg.train, world_size)
+        check(cfg, world_size=world_size)
         jobs.append(TrainJob(config, own, entry))
     return jobs
 

@@ -13,7 +13,6 @@ previous one. Multi-node runs need ``checkpoint.dir`` on a filesystem every node
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,8 @@ from typing import Any, Callable
 
 import torch
 
+from dist_train.files import sha256_file
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -32,14 +33,6 @@ MANIFEST = "MANIFEST.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message says which one and what to do."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_tensor_file(obj: Any, path: Path) -> None:
@@ -93,7 +86,7 @@ class Checkpointer:
         if self.is_main:
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
             manifest = {"step": step, "world_size": self.world_size, "run": run or {},
-                        "files": {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                        "files": {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                                   for p in files}}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             shutil.rmtree(final, ignore_errors=True)
@@ -115,7 +108,7 @@ class Checkpointer:
             file = path / name
             if not file.is_file():
                 raise CheckpointError(f"checkpoint {path} is missing {name}")
-            if file.stat().st_size != meta["bytes"] or _sha256(file) != meta["sha256"]:
+            if file.stat().st_size != meta["bytes"] or sha256_file(file) != meta["sha256"]:
                 raise CheckpointError(f"checkpoint {path}: {name} does not match its checksum (truncated or "
                                       f"corrupt)")
         return manifest

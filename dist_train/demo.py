@@ -19,14 +19,14 @@ RUN_DIR = Path("runs/demo")
 def main(argv: list[str] | None = None) -> int:
     overrides = list(sys.argv[1:] if argv is None else argv)
     from dist_train.data.fashion_mnist import write_fashion_mnist_shards
+    from dist_train.launch.local import torchrun_command
 
     print(f"[demo] writing Fashion-MNIST to WebDataset shards in {SHARDS} (finished shards are kept)", flush=True)
     write_fashion_mnist_shards(SHARDS)
     # A fresh run each time: the demo shows training from scratch, not a resume.
     shutil.rmtree(RUN_DIR, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dist_train.cli", "train", str(CONFIG), *overrides]
+    cmd = torchrun_command(str(CONFIG), overrides, nproc_per_node=2)
     print("[demo] " + " ".join(cmd), flush=True)
     tic = time.time()
     subprocess.run(cmd, env=env, check=True)

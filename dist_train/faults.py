@@ -11,6 +11,7 @@ import logging
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 import torch
 
@@ -29,18 +30,18 @@ class NonFiniteLoss(RuntimeError):
     """The loss was NaN or Inf and ``train.nonfinite_loss=stop``."""
 
 
-class PreemptionGuard:
+class PreemptionFlag:
     """Installs flag-setting handlers for the preemption signals while the training loop runs."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         log.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
         self.requested = True
 
-    def __enter__(self) -> "PreemptionGuard":
+    def __enter__(self) -> "PreemptionFlag":
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             for sig in PREEMPTION_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

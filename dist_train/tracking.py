@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol
 
 from dist_train.config import TrackingConfig
+from dist_train.files import replaced_atomically
 
 log = logging.getLogger(__name__)
 
@@ -162,14 +163,15 @@ class MlflowTracker:
         from mlflow.entities import Metric, Param
 
         op = record["op"]
+        assert self.run_id is not None, "records are sent once the run exists"
         if op == "params":
-            items = [Param(k, v) for k, v in record["params"].items()]
-            for i in range(0, len(items), self._MAX_PARAMS):
-                self._client.log_batch(self.run_id, params=items[i:i + self._MAX_PARAMS])
+            params = [Param(k, v) for k, v in record["params"].items()]
+            for i in range(0, len(params), self._MAX_PARAMS):
+                self._client.log_batch(self.run_id, params=params[i:i + self._MAX_PARAMS])
         elif op == "metrics":
-            items = [Metric(k, v, record["timestamp"], record["step"]) for k, v in record["metrics"].items()]
-            for i in range(0, len(items), self._MAX_METRICS):
-                self._client.log_batch(self.run_id, metrics=items[i:i + self._MAX_METRICS])
+            metrics = [Metric(k, v, record["timestamp"], record["step"]) for k, v in record["metrics"].items()]
+            for i in range(0, len(metrics), self._MAX_METRICS):
+                self._client.log_batch(self.run_id, metrics=metrics[i:i + self._MAX_METRICS])
         elif op == "artifact":
             self._client.log_artifact(self.run_id, record["path"], artifact_path=record.get("artifact_path"))
         elif op == "finish":
@@ -180,10 +182,10 @@ class MlflowTracker:
     def _write_pending(self) -> None:
         header = {"op": "header", "tracking_uri": self.uri, "experiment": self.cfg.experiment,
                   "run_name": self.cfg.run_name, "run_id": self.run_id}
-        tmp = self._pending_file.with_suffix(".tmp")
+        assert self._pending_file is not None
         self._pending_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in [header, *self._queue]))
-        os.replace(tmp, self._pending_file)
+        with replaced_atomically(self._pending_file) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in [header, *self._queue]))
 
 
 def import_pending(pending_file: str | Path, *, tracking_uri: str | None = None) -> str:
@@ -200,6 +202,7 @@ def import_pending(pending_file: str | Path, *, tracking_uri: str | None = None)
     if tracker._queue:
         raise ConnectionError(f"MLflow at {tracker.uri} is still unreachable; {len(tracker._queue)} records not sent")
     Path(pending_file).unlink()
+    assert tracker.run_id is not None  # the flush above created or continued the run
     return tracker.run_id
 
 

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from dist_train.backends import Backend
 from dist_train.checkpoint import Checkpointer
 from dist_train.config import TrainConfig
-from dist_train.faults import NonFiniteLoss, Preempted, PreemptionGuard, step_flags
-from dist_train.tracking import Tracker
+from dist_train.faults import NonFiniteLoss, Preempted, PreemptionFlag, step_flags
+from dist_train.tracking import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Normalise:
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, backend: Backend, schedule: Any, set_hyperparams: Callable[..., None],
                  train_loader_fn: Callable[[], Iterable[dict]], eval_loader_fn: Callable[[], Iterable[dict]],
-                 normalise: Normalise, dataset_size: int, tracker: Tracker, checkpointer: Checkpointer,
+                 normalise: Normalise, dataset_size: int, tracker: Tracker | None, checkpointer: Checkpointer,
                  max_bad_sample_fraction: float, checkpoint_every_steps: int = 0,
                  noise: Any = None, batch_controller: Any = None):
         self.cfg = cfg
@@ -76,7 +76,7 @@ class Trainer:
         self.eval_loader_fn = eval_loader_fn
         self.normalise = normalise
         self.dataset_size = dataset_size
-        self.tracker = tracker
+        self.tracker: Tracker = tracker if tracker is not None else NullTracker()
         self.checkpointer = checkpointer
         self.max_bad_sample_fraction = max_bad_sample_fraction
         self.checkpoint_every_steps = checkpoint_every_steps
@@ -159,10 +159,10 @@ class Trainer:
         self._next_eval = self._next_eval_epoch()
         self._tic = (time.perf_counter(), self.progress.samples_seen)
         try:
-            with PreemptionGuard() as guard:
+            with PreemptionFlag() as preemption:
                 while not self._done():
                     state = self._schedule_state()
-                    preempt = self.train_step(state, guard=guard)
+                    preempt = self.train_step(state, preemption=preemption)
                     self._after_step(state)
                     if preempt:
                         path = self.save_checkpoint()
@@ -205,7 +205,7 @@ class Trainer:
         return self.schedule.state_at(self.progress.samples_seen,
                                       global_batch_size=self.batch_controller.global_batch_size)
 
-    def train_step(self, state: Any, *, guard: PreemptionGuard | None = None) -> bool:
+    def train_step(self, state: Any, *, preemption: PreemptionFlag | None = None) -> bool:
         """One optimizer step at the schedule's ``state``: exactly ``state.global_batch_size`` samples.
 
         Returns whether any rank asked to stop (preemption), agreed across ranks."""
@@ -231,7 +231,7 @@ class Trainer:
                 self.noise.update(measurement)
         # One small all-reduce (and host sync) per step: every rank must skip, stop or go on together.
         # Read the flag now, not when the step began: a signal during the step stops after it.
-        nonfinite, preempt = step_flags(loss_sum=step_loss, preempt_requested=bool(guard and guard.requested),
+        nonfinite, preempt = step_flags(loss_sum=step_loss, preempt_requested=bool(preemption and preemption.requested),
                                         all_reduce=backend.all_reduce)
         if nonfinite:
             self._on_nonfinite_loss()

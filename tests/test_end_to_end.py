@@ -3,10 +3,11 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from dist_train.launch.local import torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -14,8 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def torchrun(args, *, cwd, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "dist_train.cli", "train", *args]
+    cmd = torchrun_command(None, args, nproc_per_node=2)  # the launcher's own command line
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

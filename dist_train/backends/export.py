@@ -16,7 +16,6 @@ the slow ones.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ import torch
 from dist_train.backends.base import BACKEND_FILE as DDP_FILE
 from dist_train.backends.base import SLOW_MODEL_FILE
 from dist_train.checkpoint import MANIFEST, Checkpointer, CheckpointError, load_tensor_file, save_tensor_file
-
+from dist_train.files import replaced_atomically
 
 WEIGHTS = ("evaluated", "fast", "slow")
 
@@ -34,9 +33,8 @@ def export_state_dict(checkpoint_path_or_dir: str | Path, out_path: str | Path, 
     state = model_state_dict(checkpoint_path_or_dir, weights=weights)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    save_tensor_file(state, tmp)
-    os.replace(tmp, out)
+    with replaced_atomically(out) as tmp:
+        save_tensor_file(state, tmp)
     return out
 
 

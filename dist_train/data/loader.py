@@ -24,6 +24,7 @@ import webdataset as wds
 
 from dist_train.config import DataConfig
 from dist_train.data.errors import BadSample
+from dist_train.distributed import rank_seed
 
 # Per-channel mean/std of pixel values in [0, 1], used to normalise on the device.
 NORMALISATION = {
@@ -59,8 +60,8 @@ def split_of(manifest: dict[str, Any], cfg: DataConfig, name: str) -> Split:
 
 
 def _decode_png(data: bytes) -> torch.Tensor:
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -124,10 +125,10 @@ def train_batches(manifest: dict[str, Any], cfg: DataConfig, *, micro_batch_size
         wds.tarfile_to_samples(),
     ]
     if cfg.shuffle_buffer:
-        stages.append(wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer // 2, seed=seed * 1000 + rank))
+        stages.append(wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer // 2, seed=rank_seed(seed, rank)))
     stages += [_Decode(key, decode), wds.batched(micro_batch_size, collation_fn=_collate, partial=False)]
     pipeline = wds.DataPipeline(*stages)
-    return _loader(pipeline, cfg.num_workers, seed=seed * 1000 + rank)
+    return _loader(pipeline, cfg.num_workers, seed=rank_seed(seed, rank))
 
 
 def eval_batches(manifest: dict[str, Any], cfg: DataConfig, *, micro_batch_size: int,

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from dist_train.data.errors import ShardsNotFound, ShardVerificationError
+from dist_train.files import replaced_atomically, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 PARTIAL_MANIFEST_NAME = "manifest.partial.json"
@@ -89,7 +90,7 @@ def plan_shards(
     num_samples: int,
     *,
     samples_per_shard: int,
-    seed: int,
+    seed: int | Sequence[int],
     min_shards: int = 1,
     max_shard_bytes: int | None = None,
     sample_bytes: Sequence[int] | None = None,
@@ -134,7 +135,7 @@ def write_shards(
     out.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_files(out)
     previous = _load_previous_manifest(out)
-    manifest = {
+    manifest: dict[str, Any] = {
         "version": MANIFEST_VERSION,
         "dataset": dataset,
         "classes": list(classes),
@@ -152,7 +153,7 @@ def write_shards(
             max_shard_bytes=max_shard_bytes, sample_bytes=source.sample_bytes,
         )
         names = [f"{split}-{i:06d}.tar" for i in range(len(plan))]
-        entry = {"num_samples": len(source.keys), "plan_sha256": _plan_digest(source, plan, names),
+        entry: dict[str, Any] = {"num_samples": len(source.keys), "plan_sha256": _plan_digest(source, plan, names),
                  "shards": []}
         done = _reusable_shards(out, previous, split, entry["plan_sha256"])
         entry["shards"] = [done[n] for n in names if n in done]
@@ -236,14 +237,6 @@ def verify(shard_dir: str | os.PathLike, *, num_workers: int = 1) -> dict:
     return manifest
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # --- writing ------------------------------------------------------------------------------
 
 class _HashingFile:
@@ -262,8 +255,7 @@ def _write_shard(task: _ShardTask) -> dict:
     import webdataset as wds
 
     final = Path(task.path)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with replaced_atomically(final) as tmp, open(tmp, "wb") as f:  # a shard under its final name is complete
         sink = _HashingFile(f)
         with wds.TarWriter(sink, encoder=False, mtime=_TAR_MTIME) as writer:
             for key, label, payload in zip(task.keys, task.labels, task.payloads):
@@ -271,7 +263,6 @@ def _write_shard(task: _ShardTask) -> dict:
                               task.image_key: task.encode_image(payload)})
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, final)  # atomic: a shard under its final name is always complete
     return {"name": final.name, "num_samples": len(task.keys), "num_bytes": sink.num_bytes,
             "sha256": sink.sha256.hexdigest()}
 
@@ -390,9 +381,8 @@ def _remove_stale_temp_files(out: Path) -> None:
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
 
 
 # --- checking -----------------------------------------------------------------------------
@@ -401,7 +391,7 @@ def _check_shard(path: str, record: dict, num_classes: int, image_field: str) ->
     """Return what is wrong with one shard, or None."""
     if not os.path.isfile(path):
         return "file is missing"
-    sha = file_sha256(path)
+    sha = sha256_file(path)
     if sha != record["sha256"]:
         return f"sha256 is {sha[:12]}..., the manifest says {record['sha256'][:12]}... (corrupted or truncated)"
     try:

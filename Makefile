@@ -4,7 +4,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # The machine may point PIP_FIND_LINKS at a CPU-only torch wheel with which torchvision
-# does not import; install the registry's torch like any user (see docs/install.md).
+# does not import; install the registry's torch like any user (docs/install.md).
 PIP := env -u PIP_FIND_LINKS $(BIN)/pip
 export OMP_NUM_THREADS ?= 1
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -14,7 +14,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 DEMO_DEBS := dataset-fashion-mnist
 TEST_DEBS := dataset-fashion-mnist slurm-wlm slurmctld slurmd slurm-client slurmdbd munge mariadb-server postgresql
 
-.PHONY: demo test venv debs-demo debs-test bench clean
+.PHONY: demo test lint venv debs-demo debs-test bench clean
 
 $(BIN)/dist-train: pyproject.toml requirements/pins.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,8 +41,13 @@ debs-test:
 demo: debs-demo venv
 	$(BIN)/python -m dist_train.demo
 
+# ruff (lint and import order, pyproject.toml) and mypy on dist_train/: a new violation fails make test.
+lint: venv
+	$(BIN)/ruff check dist_train tests benchmarks
+	$(BIN)/mypy
+
 # pytest exits 5 when it collected no tests; that is a failure here, and says so.
-test: debs-test venv
+test: debs-test venv lint
 	@DIST_TRAIN_REQUIRE_INFRA=1 $(BIN)/python -m pytest tests $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests - failing" >&2; fi; exit $$rc
 

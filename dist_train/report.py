@@ -312,7 +312,7 @@ def make_report(*, experiments: Sequence[str], out_dir: str | Path, tracking_uri
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = ", ".join(experiments)
-    files = (
+    files: tuple[Path, ...] = (
         plot_accuracy(groups, group_by=group_by, x_axis="epochs", path=out / "acc_vs_epochs.png",
                       title=f"Test accuracy against epochs ({name})"),
         plot_accuracy(groups, group_by=group_by, x_axis="updates", path=out / "acc_vs_updates.png",

@@ -12,7 +12,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 REPO = Path(__file__).resolve().parents[1]
-pytest_plugins = ["fixtures_data"]
+# Fixture modules; a test names a fixture as an argument and pytest finds it here (no import needed).
+pytest_plugins = ["fixtures_data", "infra.mlflow_server", "infra.slurm_cluster"]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
 

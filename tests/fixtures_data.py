@@ -16,7 +16,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from infra import skip_or_fail
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,6 @@ import itertools
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dist_train.cpu import apply_memory_format

@@ -1,11 +1,11 @@
 """Batch growth at run time on 2 gloo ranks: exact sample counts, no hang, same parameters as one process."""
 
 import torch
+from harness import global_batches, make_trainer, params_of
+from multiproc import run_ranks
 
 from dist_train.optim.config import LookaheadConfig, OptimConfig
 from dist_train.schedule import Schedule, ScheduleConfig
-from harness import global_batches, make_trainer, params_of
-from multiproc import run_ranks
 
 DATASET_SIZE = 64  # "epochs" of 64 samples: B grows 16 -> 32 at epoch 1 and 32 -> 64 at epoch 2
 SCHEDULE = ScheduleConfig(mode="increase_batch", milestones_epochs=(1.0, 2.0), factor=2.0)

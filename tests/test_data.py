@@ -3,11 +3,11 @@
 from collections import Counter
 
 import torch
+from multiproc import run_ranks
 
 from dist_train.config import DataConfig
 from dist_train.data.loader import eval_batches, train_batches
 from dist_train.data.shards import read_manifest
-from multiproc import run_ranks
 
 
 def _eval_keys_on_rank(rank, world_size, shards, num_workers):

@@ -1,10 +1,10 @@
 """DDP on 2 gloo ranks, and gradient accumulation, against one process on the same global batches."""
 
 import torch
-
-from dist_train.optim.config import OptimConfig
 from harness import global_batches, make_trainer, params_of
 from multiproc import run_ranks
+
+from dist_train.optim.config import OptimConfig
 
 SGD = OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4)
 

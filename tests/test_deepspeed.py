@@ -15,6 +15,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import ListSchedule, global_batches, make_trainer, params_of, rank_stream, tiny_net
+from multiproc import run_ranks
 
 from dist_train.backends import build_backend
 from dist_train.config import BackendConfig, TrainConfig
@@ -22,8 +24,6 @@ from dist_train.distributed import DistInfo
 from dist_train.noise_scale import GradientNoiseScale
 from dist_train.optim import build_optimizer, has_slow_weights, slow_weights
 from dist_train.optim.config import LookaheadConfig, OptimConfig
-from harness import ListSchedule, global_batches, make_trainer, params_of, rank_stream, tiny_net
-from multiproc import run_ranks
 
 pytest.importorskip("deepspeed")
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import global_batches, make_trainer
+from multiproc import run_ranks
 from torch import nn
 
 from dist_train.faults import PREEMPTED_EXIT_CODE, NonFiniteLoss
 from dist_train.optim.config import OptimConfig
-from harness import global_batches, make_trainer
-from multiproc import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 24

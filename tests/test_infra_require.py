@@ -1,7 +1,6 @@
 """Under `make test` a missing real service fails the suite instead of skipping the tests that need it."""
 
 import pytest
-
 from infra import REQUIRE_ENV, skip_or_fail
 
 

@@ -11,7 +11,6 @@ import pytest
 
 from dist_train.config import TrackingConfig
 from dist_train.tracking import build_tracker
-from infra.mlflow_server import mlflow_server, postgres_server  # noqa: F401  (session fixtures)
 
 
 @pytest.fixture

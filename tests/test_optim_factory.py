@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from dist_train.optim import (LookaheadConfig, OptimConfig, build_optimizer, optimizer_state_bytes, param_groups,
-                              set_hyperparams)
+from dist_train.optim import (
+    LookaheadConfig,
+    OptimConfig,
+    build_optimizer,
+    optimizer_state_bytes,
+    param_groups,
+    set_hyperparams,
+)
 from dist_train.optim.lookahead import Lookahead
 from dist_train.optim.qhm import QHM
 from dist_train.optim.radam import RAdam

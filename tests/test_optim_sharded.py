@@ -12,11 +12,18 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-
-from dist_train.optim import (LookaheadConfig, OptimConfig, build_optimizer, has_slow_weights, optimizer_state_bytes,
-                              set_hyperparams, slow_weights)
-from dist_train.optim.sharded import _flat, partition
 from multiproc import run_ranks
+
+from dist_train.optim import (
+    LookaheadConfig,
+    OptimConfig,
+    build_optimizer,
+    has_slow_weights,
+    optimizer_state_bytes,
+    set_hyperparams,
+    slow_weights,
+)
+from dist_train.optim.sharded import _flat, partition
 
 STEPS, CHECKPOINT_STEP = 20, 10
 CONFIGS = {

@@ -5,11 +5,11 @@ import os
 
 import pytest
 import torch
-
-from dist_train.checkpoint import CheckpointError, Checkpointer
-from dist_train.optim.config import LookaheadConfig, OptimConfig
 from harness import global_batches, make_trainer, params_of
 from multiproc import run_ranks
+
+from dist_train.checkpoint import Checkpointer, CheckpointError
+from dist_train.optim.config import LookaheadConfig, OptimConfig
 
 RADAM_LA = OptimConfig(name="radam", lr=0.01, momentum=0.9, weight_decay=1e-4,
                        lookahead=LookaheadConfig(k=3, alpha=0.5))

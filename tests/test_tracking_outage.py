@@ -12,10 +12,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from infra.daemons import free_port, spawn, stop, wait_until
 
 from dist_train.config import TrackingConfig
 from dist_train.tracking import MlflowTracker, import_pending
-from infra.daemons import free_port, spawn, stop, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 

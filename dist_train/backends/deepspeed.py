@@ -274,6 +274,7 @@ class DeepSpeedBackend(Backend):
                 yield
             return
         refresh = self._refresh_module()
+        assert refresh is not None, "setup() refuses Lookahead where the module cannot be refreshed"
         try:
             with swap():
                 refresh()

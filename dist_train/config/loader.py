@@ -33,7 +33,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it, converted where lossless."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return from_dict(tp, value, where=where)
@@ -84,7 +84,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
     """Build the dataclass ``cls`` from ``data``, strictly. Missing keys keep their defaults."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    names = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
@@ -93,7 +93,7 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
             hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys here: {', '.join(names)}."
             raise ConfigError(f"unknown config key '{path}'.{hint}")
         kwargs[key] = _coerce(value, hints[key], path)
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         # Nested sections that were not given still need building so their defaults apply.
         if f.name not in kwargs and dataclasses.is_dataclass(hints[f.name]) and f.default is dataclasses.MISSING \
                 and f.default_factory is dataclasses.MISSING:

@@ -251,7 +251,7 @@ def _labels_in_order(path: Path, wnids: list[str], filenames: list[str]) -> list
     subset of the validation images works too."""
     numbers = [_OFFICIAL_VAL_NAME.match(f) for f in filenames]
     if all(numbers):
-        lines = [int(m.group(1)) for m in numbers]
+        lines = [int(m.group(1)) for m in numbers if m is not None]
         if max(lines) > len(wnids):
             raise ValueError(f"{path} has {len(wnids)} lines, fewer than image number {max(lines)}")
         return [wnids[i - 1] for i in lines]

@@ -99,6 +99,7 @@ class TrainDecoder:
     def _process_rng(self) -> random.Random:
         if self._rng_pid != os.getpid():  # first call in this process (or a forked copy)
             self._rng, self._rng_pid = random.Random(self._process_seed()), os.getpid()
+        assert self._rng is not None
         return self._rng
 
     def _process_seed(self) -> int | str:

@@ -17,6 +17,7 @@ result is the one that counts.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -41,13 +42,13 @@ class PreemptionGuard:
         for sig in (preempt_signal, signal.SIGTERM):
             previous = signal.getsignal(sig)
             if callable(previous):  # only chain to submitit's handlers, never replace a default action
-                signal.signal(sig, lambda signum, frame, prev=previous: guard._note(signum, frame, prev))
+                signal.signal(sig, functools.partial(guard._note, previous=previous))
         if preempt_signal not in _shielded_forks:  # register_at_fork cannot be undone: once per process
             _shielded_forks.add(preempt_signal)
             os.register_at_fork(after_in_child=lambda: signal.signal(preempt_signal, signal.SIG_IGN))
         return guard
 
-    def _note(self, signum: int, frame: Any, previous: Any) -> None:
+    def _note(self, signum: int, frame: Any, *, previous: Any) -> None:
         self.signalled = self.signalled or signal.Signals(signum).name
         previous(signum, frame)
 

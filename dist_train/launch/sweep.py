@@ -12,6 +12,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import Sequence
 
 from dist_train.config import Config, ConfigError
 
@@ -44,7 +45,7 @@ def expand_grid(grid: list[str]) -> list[tuple[str, ...]]:
     return [tuple(combo) for combo in itertools.product(*axes)]
 
 
-def sweep_members(*, grid: list[str] = (), override_sets: list[str] = ()) -> list[SweepMember]:
+def sweep_members(*, grid: Sequence[str] = (), override_sets: Sequence[str] = ()) -> list[SweepMember]:
     """Members of a sweep from either a grid (cartesian product) or explicit override sets; [] for no sweep."""
     if grid and override_sets:
         raise ConfigError("use either --sweep (a grid) or --sweep-override-set (explicit runs), not both")

@@ -18,7 +18,8 @@ from dist_train.optim.sharded import ShardedOptimizer
 def param_groups(model: torch.nn.Module, *, weight_decay: float) -> list[dict]:
     """Two groups: weights with ``weight_decay``, then biases and normalisation weights (every parameter
     with at most one dimension) without. Empty groups are left out; frozen parameters too."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)

@@ -148,7 +148,7 @@ class ShardedOptimizer(Optimizer):
             group.update(_hyperparams(local))
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> None:
+    def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
         if closure is not None:
             raise ValueError("the sharded optimizer takes no closure: run forward and backward before step()")
         self._push_hyperparams()

@@ -13,4 +13,4 @@ def apply_weight_decay(params: list[torch.Tensor], grads: list[torch.Tensor], *,
     if group["decoupled_weight_decay"]:
         torch._foreach_mul_(params, 1.0 - group["lr"] * weight_decay)
         return grads
-    return torch._foreach_add(grads, params, alpha=weight_decay)
+    return list(torch._foreach_add(grads, params, alpha=weight_decay))

@@ -19,11 +19,14 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from dist_train.files import sha256_file
+
+if TYPE_CHECKING:
+    from dist_train.parts import Stateful
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +73,19 @@ class Checkpointer:
         return sorted(p for p in self.directory.iterdir() if _NAME.match(p.name) and (p / MANIFEST).is_file())
 
     # --- save --------------------------------------------------------------------------------
-    def save(self, *, step: int, rank_state: dict[str, Any], save_backend: Callable[[Path], None],
+    def save(self, *, step: int, states: Mapping[str, Stateful], save_backend: Callable[[Path], None],
              run: dict[str, Any] | None = None) -> Path:
-        """Collective: every rank calls it. ``save_backend(tmp_dir)`` writes the backend's files; ``run``
-        (JSON values) goes into the manifest, for ``run_facts`` to read back before a resume."""
+        """Collective: every rank calls it. Each rank writes the ``state_dict()`` of every part in ``states``,
+        by name, to its ``rank-R.pt``; ``save_backend(tmp_dir)`` writes the backend's files (which are
+        collective and laid out by the backend); ``run`` (JSON values) goes into the manifest, for
+        ``run_facts`` to read back before a resume."""
         final = self.directory / f"step-{step:08d}"
         tmp = self.directory / f".step-{step:08d}.tmp"
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash during an earlier save
             tmp.mkdir(parents=True)
         self.barrier()
-        save_tensor_file(rank_state, tmp / f"rank-{self.rank}.pt")
+        save_tensor_file({name: part.state_dict() for name, part in states.items()}, tmp / f"rank-{self.rank}.pt")
         save_backend(tmp)
         self.barrier()
         if self.is_main:
@@ -134,6 +139,18 @@ class Checkpointer:
             return dict(json.loads((path / MANIFEST).read_text()).get("run", {}))
         except (OSError, ValueError) as err:
             raise CheckpointError(f"checkpoint {path} has no readable {MANIFEST} ({err})") from None
+
+    def load_states(self, path: Path, states: Mapping[str, Stateful]) -> None:
+        """Load this rank's parts from a checkpoint ``latest_valid()`` returned, strictly: the checkpoint must
+        hold exactly the parts in ``states``."""
+        saved = self.load_rank_state(path)
+        if set(saved) != set(states):
+            raise CheckpointError(
+                f"checkpoint {path} holds the parts {sorted(saved)} but this run has {sorted(states)} (the noise "
+                f"scale or the adaptive batch switched on or off?); resume with the config it was written with "
+                f"(its config.yaml in train.run_dir), or start afresh in a new train.run_dir")
+        for name, part in states.items():
+            part.load_state_dict(saved[name])
 
     def load_rank_state(self, path: Path) -> dict[str, Any]:
         """This rank's own state from a checkpoint ``latest_valid()`` returned (its checksums were verified

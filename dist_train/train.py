@@ -7,11 +7,14 @@ import logging
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from dist_train.config import Config, check, flatten, load_config, to_dict
+
+if TYPE_CHECKING:
+    from dist_train.cpu import Precision
 
 log = logging.getLogger("dist_train")
 
@@ -32,35 +35,58 @@ def run(config_path: str | None, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 def train(cfg: Config, info: Any) -> dict[str, Any]:
-    from dist_train.backends import build_backend
+    """Build every part of the run from ``cfg``, the Trainer once from them, resume if asked, and train."""
     from dist_train.checkpoint import Checkpointer
-    from dist_train.cpu import apply_memory_format, resolve_precision
-    from dist_train.data import loader
     from dist_train.data.shards import read_manifest
-    from dist_train.distributed import barrier, data_seed, seed_everything
-    from dist_train.models import build_model
-    from dist_train.optim import build_optimizer, set_hyperparams
-    from dist_train.schedule import Schedule, optimizer_family
-    from dist_train.trainer import Normalise, Trainer
+    from dist_train.distributed import barrier, seed_everything
+    from dist_train.trainer import Trainer
 
     check(cfg, world_size=info.world_size)  # also for callers that skip run()
     seed_everything(cfg.train.seed)
     manifest = read_manifest(cfg.data.shards)
-    num_classes = len(manifest["classes"])
-    dataset_size = int(manifest["splits"]["train"]["num_samples"])
-
-    model = build_model(cfg.model.name, num_classes=num_classes, in_channels=manifest["image"]["channels"],
-                        width=cfg.model.width)
-    apply_memory_format(model, channels_last=cfg.model.channels_last, device=info.device)  # CPU-safe: docs/cpu.md
     run_dir = Path(cfg.train.run_dir)
     checkpointer = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                 rank=info.rank, world_size=info.world_size, barrier=partial(barrier, info))
     latest = checkpointer.latest_valid() if cfg.checkpoint.resume else None
-    # Before the backend exists: DeepSpeed casts the model at set-up. A resumed run keeps its precision.
-    precision, warnings = resolve_precision(cfg.train.precision, info.device,
-                                            recorded=Checkpointer.run_facts(latest).get("precision"))
+    precision = _precision(cfg, info, recorded=Checkpointer.run_facts(latest).get("precision"))
+    run_id = _continued_run_id(latest, run_dir)
+    tracker = _start_tracking(cfg, info, run_dir, run_id, precision=precision)
+    parts = _parts(cfg, info, manifest, precision=precision, checkpointer=checkpointer, tracker=tracker,
+                   logged_through_step=tracker.last_logged_step() if run_id else 0)
+    trainer = Trainer(cfg.train, parts, max_bad_sample_fraction=cfg.data.max_bad_sample_fraction,
+                      checkpoint_every_steps=cfg.checkpoint.every_steps)
+    return _fit_and_report(trainer, info, run_dir, resume_from=latest,
+                           log_model=cfg.tracking.enabled and cfg.tracking.log_model)
+
+
+def _precision(cfg: Config, info: Any, *, recorded: str | None) -> Precision:
+    """``train.precision`` resolved for this device, before the backend exists (DeepSpeed casts the model at
+    set-up); a resumed run keeps the precision its checkpoint records (docs/cpu.md)."""
+    from dist_train.cpu import resolve_precision
+
+    precision, warnings = resolve_precision(cfg.train.precision, info.device, recorded=recorded)
     for warning in warnings if info.is_main else ():
         log.warning("%s", warning)
+    return precision
+
+
+def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Precision, checkpointer: Any, tracker: Any,
+           logged_through_step: int) -> Any:
+    """Model, backend, schedule, noise scale and data of the run, as the Trainer's parts."""
+    from dist_train.backends import build_backend
+    from dist_train.cpu import apply_memory_format
+    from dist_train.data import loader
+    from dist_train.distributed import data_seed
+    from dist_train.models import build_model
+    from dist_train.optim import build_optimizer, set_hyperparams
+    from dist_train.parts import TrainerParts
+    from dist_train.schedule import Schedule, optimizer_family
+    from dist_train.trainer import Normalise
+
+    dataset_size = int(manifest["splits"]["train"]["num_samples"])
+    model = build_model(cfg.model.name, num_classes=len(manifest["classes"]),
+                        in_channels=manifest["image"]["channels"], width=cfg.model.width)
+    apply_memory_format(model, channels_last=cfg.model.channels_last, device=info.device)  # CPU-safe: docs/cpu.md
     backend = build_backend(cfg.backend.name, info, micro_batch_size=cfg.train.micro_batch_size,
                             **cfg.backend.options(replace(cfg.train, precision=precision)))
     backend.setup(model, lambda m: build_optimizer(m, cfg.optim, shard=cfg.backend.shard_optimizer_state))
@@ -68,36 +94,31 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
                         base_global_batch_size=cfg.train.global_batch_size, dataset_size=dataset_size,
                         optimizer_family=optimizer_family(cfg.optim.name),
                         batch_granularity=cfg.train.micro_batch_size * info.world_size)
-
     noise, controller = _noise_scale(cfg, backend, schedule, info)
     mean, std = loader.NORMALISATION.get(manifest["dataset"], ((0.5,) * manifest["image"]["channels"],) * 2)
-    trainer = Trainer(
-        cfg.train, backend=backend, schedule=schedule, set_hyperparams=set_hyperparams,
-        train_loader_fn=lambda: loader.train_batches(manifest, cfg.data,
-                                                     micro_batch_size=cfg.train.micro_batch_size, rank=info.rank,
-                                                     world_size=info.world_size,
-                                                     seed=data_seed(cfg.train.seed)),
-        eval_loader_fn=lambda: loader.eval_batches(manifest, cfg.data,
-                                                   micro_batch_size=cfg.train.micro_batch_size, rank=info.rank,
+    micro = cfg.train.micro_batch_size
+    return TrainerParts(
+        backend=backend, schedule=schedule, set_hyperparams=set_hyperparams,
+        train_loader_fn=lambda: loader.train_batches(manifest, cfg.data, micro_batch_size=micro, rank=info.rank,
+                                                     world_size=info.world_size, seed=data_seed(cfg.train.seed)),
+        eval_loader_fn=lambda: loader.eval_batches(manifest, cfg.data, micro_batch_size=micro, rank=info.rank,
                                                    world_size=info.world_size),
         normalise=Normalise(mean, std, device=info.device, channels_last=cfg.model.channels_last),
-        dataset_size=dataset_size, tracker=None, checkpointer=checkpointer,
-        max_bad_sample_fraction=cfg.data.max_bad_sample_fraction,
-        checkpoint_every_steps=cfg.checkpoint.every_steps, noise=noise, batch_controller=controller,
-    )
-    run_id = _resume(trainer, latest, run_dir)
-    trainer.tracker = _start_tracking(cfg, info, run_dir, run_id, precision=precision)
-    trainer.logged_through_step = trainer.tracker.last_logged_step() if run_id else 0
-    return _fit_and_report(trainer, info, run_dir, log_model=cfg.tracking.enabled and cfg.tracking.log_model)
+        dataset_size=dataset_size, checkpointer=checkpointer, tracker=tracker, noise=noise,
+        batch_controller=controller, logged_through_step=logged_through_step)
 
 
-def _fit_and_report(trainer: Any, info: Any, run_dir: Path, *, log_model: bool) -> dict[str, Any]:
-    """Train; the main rank writes ``summary.json``, final metrics and (``log_model``) the model artifact;
-    the MLflow run gets its status."""
+def _fit_and_report(trainer: Any, info: Any, run_dir: Path, *, resume_from: Path | None,
+                    log_model: bool) -> dict[str, Any]:
+    """Resume from ``resume_from`` if given, and train; the main rank writes ``summary.json``, final metrics
+    and (``log_model``) the model artifact; the MLflow run gets its status (FAILED if the resume fails)."""
     from dist_train.faults import Preempted
 
     status = "FAILED"
     try:
+        if resume_from is not None:
+            trainer.load_checkpoint(resume_from)
+            log.warning("resumed from %s at step %d", resume_from, trainer.progress.step)
         summary = trainer.fit()
         summary["is_main"] = info.is_main
         if info.is_main:
@@ -151,14 +172,12 @@ def _noise_scale(cfg: Config, backend: Any, schedule: Any, info: Any) -> tuple[A
     return noise, controller
 
 
-def _resume(trainer: Any, latest: Path | None, run_dir: Path) -> str | None:
-    """Load checkpoint ``latest``, if any; returns the MLflow run id to continue, if any."""
-    if latest is None:
-        return None
-    trainer.load_checkpoint(latest)
-    log.warning("resumed from %s at step %d", latest, trainer.progress.step)
+def _continued_run_id(latest: Path | None, run_dir: Path) -> str | None:
+    """The MLflow run a resumed run continues: the id its earlier start wrote beside the checkpoints."""
     run_id_file = run_dir / "mlflow_run_id"
-    return run_id_file.read_text().strip() if run_id_file.is_file() else None
+    if latest is None or not run_id_file.is_file():
+        return None
+    return run_id_file.read_text().strip()
 
 
 def _start_tracking(cfg: Config, info: Any, run_dir: Path, run_id: str | None, *, precision: str) -> Any:

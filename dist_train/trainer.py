@@ -15,16 +15,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from dist_train.backends import Backend
-from dist_train.checkpoint import Checkpointer
 from dist_train.config import TrainConfig
 from dist_train.faults import NonFiniteLoss, Preempted, PreemptionFlag, step_flags
-from dist_train.tracking import NullTracker, Tracker
+from dist_train.parts import Stateful, TrainerParts
+from dist_train.schedule import ScheduleState
 
 log = logging.getLogger(__name__)
 
@@ -62,63 +62,54 @@ class Normalise:
         return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
 
 
+class TorchRNG:
+    """torch's CPU random state, as a ``Stateful``: dropout and random augmentations on the device draw from it."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"cpu": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any] | torch.Tensor) -> None:
+        # Checkpoints written before the rng was a Stateful hold the bare tensor.
+        torch.set_rng_state(state if isinstance(state, torch.Tensor) else state["cpu"])
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, backend: Backend, schedule: Any, set_hyperparams: Callable[..., None],
-                 train_loader_fn: Callable[[], Iterable[dict]], eval_loader_fn: Callable[[], Iterable[dict]],
-                 normalise: Normalise, dataset_size: int, tracker: Tracker | None, checkpointer: Checkpointer,
-                 max_bad_sample_fraction: float, checkpoint_every_steps: int = 0,
-                 noise: Any = None, batch_controller: Any = None):
+    def __init__(self, cfg: TrainConfig, parts: TrainerParts, *, max_bad_sample_fraction: float,
+                 checkpoint_every_steps: int = 0):
         self.cfg = cfg
-        self.backend = backend
-        self.schedule = schedule
-        self.set_hyperparams = set_hyperparams
-        self.train_loader_fn = train_loader_fn
-        self.eval_loader_fn = eval_loader_fn
-        self.normalise = normalise
-        self.dataset_size = dataset_size
-        self.tracker: Tracker = tracker if tracker is not None else NullTracker()
-        self.checkpointer = checkpointer
+        self.parts = parts
+        self.backend = parts.backend
+        self.schedule = parts.schedule
+        self.tracker = parts.tracker
+        self.checkpointer = parts.checkpointer
+        self.noise = parts.noise
+        self.batch_controller = parts.batch_controller
+        self.normalise = parts.normalise
+        self.dataset_size = parts.dataset_size
         self.max_bad_sample_fraction = max_bad_sample_fraction
         self.checkpoint_every_steps = checkpoint_every_steps
-        self.noise = noise
-        """GradientNoiseScale fed by the backend's measurement each step, or None."""
-        self.batch_controller = batch_controller
-        """BatchSizeController of the adaptive mode (needs ``noise``), or None."""
         self.progress = Progress()
+        self.states: dict[str, Stateful] = {"progress": self.progress, "torch_rng": TorchRNG()}
+        """This rank's training state besides model and optimizer (those belong to the backend), by name."""
+        if parts.noise is not None:
+            self.states["noise"] = parts.noise
+        if parts.batch_controller is not None:
+            self.states["batch_controller"] = parts.batch_controller
         self.total_samples = self._total_samples()
         self._stream: Iterator[dict] | None = None
-        self._window = _MetricWindow(backend.info.device)
-        self.history: list[dict[str, float]] = []
+        self._window = _MetricWindow(self.backend.info.device)
         self._bar: Any = None
         self._next_eval = math.inf
         self._tic = (time.perf_counter(), 0)
-        self.logged_through_step = 0
-        """Training metrics up to this step are already in the tracker (set when continuing a run)."""
 
     # --- state -------------------------------------------------------------------------------
-    def rank_state_dict(self) -> dict[str, Any]:
-        """This rank's training state besides model and optimizer (those belong to the backend)."""
-        state = {"progress": self.progress.state_dict(), "torch_rng": torch.get_rng_state()}
-        for name in ("noise", "batch_controller"):
-            if getattr(self, name) is not None:
-                state[name] = getattr(self, name).state_dict()
-        return state
-
-    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
-        self.progress.load_state_dict(state["progress"])
-        torch.set_rng_state(state["torch_rng"])
-        for name in ("noise", "batch_controller"):
-            if getattr(self, name) is not None:
-                getattr(self, name).load_state_dict(state[name])
-        self._stream = None  # re-created at the saved data position on next use
-
     def save_checkpoint(self) -> Path:
         """Collective: every rank writes its part, rank 0 makes the checkpoint appear atomically."""
-        path = self.checkpointer.save(step=self.progress.step, rank_state=self.rank_state_dict(),
+        path = self.checkpointer.save(step=self.progress.step, states=self.states,
                                       save_backend=self._save_backend_files,
                                       run={"precision": self.backend.precision})
         # The steps at which checkpoints exist, beside the metrics (the directory is the checkpoint.dir param).
-        if self.tracker is not None and self.progress.step > self.logged_through_step:
+        if self.progress.step > self.parts.logged_through_step:
             self.tracker.log_metrics({"checkpoint/step": float(self.progress.step)}, step=self.progress.step)
         return path
 
@@ -127,9 +118,14 @@ class Trainer:
         self.backend.save_slow_weights(directory)  # with Lookahead: the evaluated model, for export
 
     def load_checkpoint(self, path: Path) -> None:
-        rank_state = self.checkpointer.load_rank_state(path)  # checks the world size first
+        self.checkpointer.load_states(path, self.states)  # checks the world size first
         self.backend.load_from(path)
-        self.load_rank_state_dict(rank_state)
+        self._stream = None  # re-created at the saved data position on next use
+
+    def collect_train_metrics(self) -> dict[str, float]:
+        """Collective: the training metrics summed on the device since the last call, reduced over ranks
+        (``train/loss``, ``train/acc1``, ``train/grad_norm`` of the last step...); the sums restart."""
+        return self._window.reduce(self.backend)
 
     # --- the loop ----------------------------------------------------------------------------
     def _total_samples(self) -> int:
@@ -144,7 +140,7 @@ class Trainer:
 
     def _next_micro_batch(self) -> dict:
         if self._stream is None:
-            self._stream = iter(self.train_loader_fn())
+            self._stream = iter(self.parts.train_loader_fn())
             # Resume: the stream is deterministic given the seed, so skipping what was already
             # consumed puts this rank exactly where the interrupted run stood.
             for _ in range(self.progress.micro_batches):
@@ -179,9 +175,9 @@ class Trainer:
         return {**last_eval, "step": self.progress.step, "samples_seen": self.progress.samples_seen,
                 "epoch": self._epoch(), "skipped_steps": self.progress.skipped_steps}
 
-    def _after_step(self, state: Any) -> None:
+    def _after_step(self, state: ScheduleState) -> None:
         """Batch-size decision, logging, evaluation and checkpoints due after a step."""
-        if self.batch_controller is not None:
+        if self.batch_controller is not None and self.noise is not None:  # adaptive mode needs both
             self.batch_controller.update(step=self.progress.step, b_simple=self.noise.b_simple)
         if self.progress.step % self.cfg.log_every_steps == 0 or self._done():
             tic, samples_at_tic = self._tic
@@ -192,26 +188,26 @@ class Trainer:
                 self._bar.update(self.progress.samples_seen - self._bar.n)
                 self._bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", B=state.global_batch_size,
                                       lr=f"{state.lr:.3g}", m=f"{state.momentum:.3g}",
-                                      g=f"{getattr(state, 'noise_scale', float('nan')):.3g}")
+                                      g=f"{state.noise_scale:.3g}")
         if self.cfg.eval_every_epochs and self._epoch() >= self._next_eval and not self._done():
             self.evaluate()
             self._next_eval = self._next_eval_epoch()
         if self._checkpoint_due():
             self.save_checkpoint()
 
-    def _schedule_state(self) -> Any:
+    def _schedule_state(self) -> ScheduleState:
         if self.batch_controller is None:
             return self.schedule.state_at(self.progress.samples_seen)
         return self.schedule.state_at(self.progress.samples_seen,
                                       global_batch_size=self.batch_controller.global_batch_size)
 
-    def train_step(self, state: Any, *, preemption: PreemptionFlag | None = None) -> bool:
+    def train_step(self, state: ScheduleState, *, preemption: PreemptionFlag | None = None) -> bool:
         """One optimizer step at the schedule's ``state``: exactly ``state.global_batch_size`` samples.
 
         Returns whether any rank asked to stop (preemption), agreed across ranks."""
         backend = self.backend
         accum_steps = backend.set_global_batch_size(state.global_batch_size)
-        self.set_hyperparams(backend.optimizer, lr=state.lr, momentum=state.momentum)
+        self.parts.set_hyperparams(backend.optimizer, lr=state.lr, momentum=state.momentum)
         backend.model.train()
         step_loss = torch.zeros((), device=backend.info.device)
         for i in range(accum_steps):
@@ -231,7 +227,8 @@ class Trainer:
                 self.noise.update(measurement)
         # One small all-reduce (and host sync) per step: every rank must skip, stop or go on together.
         # Read the flag now, not when the step began: a signal during the step stops after it.
-        nonfinite, preempt = step_flags(loss_sum=step_loss, preempt_requested=bool(preemption and preemption.requested),
+        nonfinite, preempt = step_flags(loss_sum=step_loss,
+                                        preempt_requested=bool(preemption and preemption.requested),
                                         all_reduce=backend.all_reduce)
         if nonfinite:
             self._on_nonfinite_loss()
@@ -263,8 +260,8 @@ class Trainer:
         return bool(every) and self.progress.step % every == 0 and not self._done()
 
     # --- metrics -----------------------------------------------------------------------------
-    def _log_train(self, state: Any, samples_per_s: float) -> dict[str, float]:
-        window = self._window.reduce(self.backend)
+    def _log_train(self, state: ScheduleState, samples_per_s: float) -> dict[str, float]:
+        window = self.collect_train_metrics()
         self.progress.bad_samples += int(window.pop("bad_samples"))
         seen = self.progress.samples_seen + self.progress.bad_samples
         if seen and self.progress.bad_samples / seen > self.max_bad_sample_fraction:
@@ -279,16 +276,14 @@ class Trainer:
         metrics.update(self.schedule_metrics(state))
         if self.noise is not None:
             metrics.update(self.noise.metrics())
-        self.history.append({"step": self.progress.step, **metrics})
         # A resumed run recomputes (identically) the steps after its checkpoint that the tracker may
         # already hold; log only steps it does not have, so no step appears twice.
-        if self.progress.step > self.logged_through_step:
+        if self.progress.step > self.parts.logged_through_step:
             self.tracker.log_metrics(metrics, step=self.progress.step)
         return metrics
 
-    def schedule_metrics(self, state: Any) -> dict[str, float]:
-        noise = getattr(state, "noise_scale", None)
-        return {} if noise is None else {"noise_scale/analytic": noise}
+    def schedule_metrics(self, state: ScheduleState) -> dict[str, float]:
+        return {"noise_scale/analytic": state.noise_scale}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -297,7 +292,7 @@ class Trainer:
         module.eval()
         totals = torch.zeros(4, dtype=torch.float64, device=self.backend.info.device)
         with self.backend.slow_weights():  # Lookahead's slow weights, when there are any
-            for batch in self.eval_loader_fn():
+            for batch in self.parts.eval_loader_fn():
                 images, labels = self.normalise(batch["image"]), batch["label"].to(self.backend.info.device)
                 with self.backend.autocast():
                     logits = module(images).float()

@@ -18,7 +18,8 @@ from dist_train.config import TrainConfig
 from dist_train.distributed import DistInfo
 from dist_train.optim import build_optimizer, set_hyperparams
 from dist_train.optim.config import OptimConfig
-from dist_train.tracking import NullTracker
+from dist_train.parts import TrainerParts
+from dist_train.schedule import ScheduleState
 from dist_train.trainer import Normalise, Trainer
 
 
@@ -51,17 +52,16 @@ class ListSchedule:
         self.sizes, self.lr, self.momentum = list(sizes), lr, momentum
         self.bounds = [sum(self.sizes[:i]) for i in range(len(self.sizes) + 1)]
 
-    def state_at(self, samples_seen: int):
-        from types import SimpleNamespace
-
+    def state_at(self, samples_seen: int, *, global_batch_size: int | None = None) -> ScheduleState:
         step = self.bounds.index(samples_seen)
-        return SimpleNamespace(lr=self.lr, momentum=self.momentum, global_batch_size=self.sizes[step])
+        return ScheduleState(epoch=samples_seen / self.bounds[-1], lr=self.lr, global_batch_size=self.sizes[step],
+                             momentum=self.momentum, noise_scale=float("nan"), milestones_passed=0)
 
 
 def make_trainer(rank: int, world_size: int, *, batches: list[dict], micro: int, optim: OptimConfig,
                  model_fn: Callable[[], nn.Module] = tiny_net, shard: bool = False, run_dir: str = "",
                  checkpoint_every_steps: int = 0, backend: str = "ddp",
-                 backend_options: dict | None = None, schedule=None) -> Trainer:
+                 backend_options: dict | None = None, schedule=None, noise=None, batch_controller=None) -> Trainer:
     """A Trainer over ``batches``; ``schedule`` defaults to one that follows the batches' sizes."""
     sizes = [len(b["label"]) for b in batches]
     info = DistInfo(rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size,
@@ -70,16 +70,14 @@ def make_trainer(rank: int, world_size: int, *, batches: list[dict], micro: int,
     backend.setup(model_fn(), lambda m: build_optimizer(m, optim, shard=shard))
     cfg = TrainConfig(global_batch_size=sizes[0], micro_batch_size=micro, epochs=0, max_steps=len(batches),
                       eval_every_epochs=0, log_every_steps=1, progress_bar=False)
-    return Trainer(
-        cfg, backend=backend, schedule=schedule or ListSchedule(sizes), set_hyperparams=set_hyperparams,
+    parts = TrainerParts(
+        backend=backend, schedule=schedule or ListSchedule(sizes), set_hyperparams=set_hyperparams,
         train_loader_fn=lambda: rank_stream(batches, rank=rank, world_size=world_size, micro=micro),
         eval_loader_fn=lambda: iter(()), normalise=Normalise((0.5,), (0.25,), device=info.device, channels_last=False),
-        dataset_size=sum(sizes), tracker=NullTracker(),
+        dataset_size=sum(sizes), noise=noise, batch_controller=batch_controller,
         checkpointer=Checkpointer(run_dir or "/nonexistent", keep_last=2, rank=rank, world_size=world_size,
-                                  barrier=backend.barrier),
-        max_bad_sample_fraction=0.5,
-        checkpoint_every_steps=checkpoint_every_steps,
-    )
+                                  barrier=backend.barrier))
+    return Trainer(cfg, parts, max_bad_sample_fraction=0.5, checkpoint_every_steps=checkpoint_every_steps)
 
 
 def params_of(trainer: Trainer) -> torch.Tensor:

@@ -57,11 +57,11 @@ def _adaptive(rank, world_size):
                         optimizer_family="normalized", batch_granularity=8 * world_size)
     # Random labels: the gradient is mostly noise, so B_simple is far above any batch here.
     batches = global_batches(12, 64, seed=9)
-    trainer = make_trainer(rank, world_size, batches=batches, micro=8, optim=RADAM_LA, schedule=schedule)
+    controller = BatchSizeController(cfg.adaptive, start_global_batch_size=16, max_global_batch_size=64,
+                                     batch_granularity=8 * world_size)
+    trainer = make_trainer(rank, world_size, batches=batches, micro=8, optim=RADAM_LA, schedule=schedule,
+                           noise=GradientNoiseScale(ema_decay=0.5), batch_controller=controller)
     trainer.backend.enable_noise_scale()
-    trainer.noise = GradientNoiseScale(ema_decay=0.5)
-    trainer.batch_controller = BatchSizeController(cfg.adaptive, start_global_batch_size=16,
-                                                   max_global_batch_size=64, batch_granularity=8 * world_size)
     sizes = []
     for _ in range(10):
         state = trainer._schedule_state()

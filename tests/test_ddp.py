@@ -14,7 +14,7 @@ def _train(rank, world_size, batches, micro, optim, steps):
     losses = []
     for _ in range(steps):
         trainer.train_step(trainer.schedule.state_at(trainer.progress.samples_seen))
-        losses.append(trainer._window.reduce(trainer.backend)["train/loss"])
+        losses.append(trainer.collect_train_metrics()["train/loss"])
     return params_of(trainer), losses, trainer.progress.samples_seen
 
 
@@ -56,7 +56,7 @@ def _bf16_losses(rank, world_size, precision):
     losses = []
     for _ in range(12):
         trainer.train_step(trainer.schedule.state_at(trainer.progress.samples_seen))
-        losses.append(trainer._window.reduce(trainer.backend)["train/loss"])
+        losses.append(trainer.collect_train_metrics()["train/loss"])
     return losses
 
 

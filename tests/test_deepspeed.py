@@ -66,7 +66,8 @@ def _train(trainer, steps: int) -> list[tuple[float, float]]:
     out = []
     for _ in range(steps):
         trainer.train_step(trainer.schedule.state_at(trainer.progress.samples_seen))
-        out.append((trainer._window.reduce(trainer.backend)["train/loss"], float(trainer._window.grad_norm)))
+        metrics = trainer.collect_train_metrics()
+        out.append((metrics["train/loss"], metrics["train/grad_norm"]))
     return out
 
 

@@ -20,7 +20,7 @@ def _losses(trainer, n):
     out = []
     for _ in range(n):
         trainer.train_step(trainer.schedule.state_at(trainer.progress.samples_seen))
-        out.append(trainer._window.reduce(trainer.backend)["train/loss"])
+        out.append(trainer.collect_train_metrics()["train/loss"])
     return out
 
 
@@ -55,7 +55,7 @@ def test_two_rank_resume_in_the_middle_of_a_lookahead_cycle_is_bit_exact(tmp_pat
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     ckpt = Checkpointer(tmp_path, keep_last=3, rank=0, world_size=1)
     for step in (1, 2):
-        ckpt.save(step=step, rank_state={"step": torch.tensor(step)},
+        ckpt.save(step=step, states={"progress": _Counter(step)},
                   save_backend=lambda d: torch.save({"w": torch.ones(1000)}, d / "backend.pt"))
     latest = tmp_path / "step-00000002" / "backend.pt"
     latest.write_bytes(latest.read_bytes()[:100])  # truncated
@@ -66,7 +66,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capl
 def test_keep_last_and_no_partial_checkpoint_is_ever_visible(tmp_path):
     ckpt = Checkpointer(tmp_path, keep_last=2, rank=0, world_size=1)
     for step in range(1, 5):
-        ckpt.save(step=step, rank_state={}, save_backend=lambda d: None)
+        ckpt.save(step=step, states={}, save_backend=lambda d: None)
     assert [p.name for p in ckpt.paths()] == ["step-00000003", "step-00000004"]
     # A crash mid-save leaves only a temporary directory, which is never taken for a checkpoint.
     (tmp_path / ".step-00000005.tmp").mkdir()
@@ -74,15 +74,40 @@ def test_keep_last_and_no_partial_checkpoint_is_ever_visible(tmp_path):
     assert ckpt.latest_valid() == tmp_path / "step-00000004"
 
 
+class _Counter:
+    """The smallest Stateful."""
+
+    def __init__(self, n: int = 0):
+        self.n = n
+
+    def state_dict(self) -> dict:
+        return {"n": torch.tensor(self.n)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = int(state["n"])
+
+
+def test_the_checkpointer_saves_and_loads_a_named_set_of_parts_strictly(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=1, rank=0, world_size=1)
+    path = ckpt.save(step=1, states={"progress": _Counter(7), "noise": _Counter(3)}, save_backend=lambda d: None)
+    progress, noise = _Counter(), _Counter()
+    ckpt.load_states(path, {"progress": progress, "noise": noise})
+    assert (progress.n, noise.n) == (7, 3)
+    # A run that no longer measures the noise scale cannot take this checkpoint silently, nor the reverse.
+    for states in ({"progress": _Counter()}, {"progress": _Counter(), "noise": _Counter(), "batch_controller": _Counter()}):
+        with pytest.raises(CheckpointError, match="holds the parts"):
+            ckpt.load_states(path, states)
+
+
 def test_world_size_mismatch_is_a_clear_error(tmp_path):
-    Checkpointer(tmp_path, keep_last=1, rank=0, world_size=2).save(step=1, rank_state={}, save_backend=lambda d: None)
+    Checkpointer(tmp_path, keep_last=1, rank=0, world_size=2).save(step=1, states={}, save_backend=lambda d: None)
     with pytest.raises(CheckpointError, match="written by 2 ranks but this run has 1; relaunch with 2 ranks"):
         Checkpointer(tmp_path, keep_last=1, rank=0, world_size=1).load_rank_state(tmp_path / "step-00000001")
 
 
 def test_checkpoint_that_would_run_code_is_refused(tmp_path):
     ckpt = Checkpointer(tmp_path, keep_last=1, rank=0, world_size=1)
-    path = ckpt.save(step=1, rank_state={}, save_backend=lambda d: None)
+    path = ckpt.save(step=1, states={}, save_backend=lambda d: None)
     torch.save({"evil": os.system}, path / "rank-0.pt")  # a pickled callable
     manifest = json.loads((path / "MANIFEST.json").read_text())
     manifest["files"]["rank-0.pt"] = {"sha256": __import__("hashlib").sha256((path / "rank-0.pt").read_bytes())

@@ -159,9 +159,14 @@ def _noise_scale(cfg: Config, backend: Any, schedule: Any, info: Any) -> tuple[A
     adaptive = cfg.schedule.mode == "adaptive"
     if not (cfg.schedule.noise_scale.enabled or adaptive):
         return None, None
+    from dist_train.backends import MeasuresNoiseScale
+    from dist_train.config import ConfigError
     from dist_train.noise_scale import GradientNoiseScale
     from dist_train.schedule import BatchSizeController
 
+    if not isinstance(backend, MeasuresNoiseScale):
+        raise ConfigError(f"backend.name={cfg.backend.name} cannot measure the gradient noise scale; set "
+                          f"schedule.noise_scale.enabled=false and use a schedule.mode other than adaptive")
     backend.enable_noise_scale()
     noise = GradientNoiseScale(ema_decay=cfg.schedule.noise_scale.ema_decay)
     if not adaptive:

@@ -10,6 +10,7 @@ Metrics stay on the device and are reduced every ``log_every_steps`` steps, not 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -20,7 +21,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-from dist_train.backends import Backend
+from dist_train.backends import Backend, HoldsSlowWeights, MeasuresNoiseScale
 from dist_train.config import TrainConfig
 from dist_train.faults import NonFiniteLoss, Preempted, PreemptionFlag, step_flags
 from dist_train.parts import Stateful, TrainerParts
@@ -115,7 +116,8 @@ class Trainer:
 
     def _save_backend_files(self, directory: Path) -> None:
         self.backend.save_to(directory)
-        self.backend.save_slow_weights(directory)  # with Lookahead: the evaluated model, for export
+        if isinstance(self.backend, HoldsSlowWeights):  # with Lookahead: the evaluated model, for export
+            self.backend.save_slow_weights(directory)
 
     def load_checkpoint(self, path: Path) -> None:
         self.checkpointer.load_states(path, self.states)  # checks the world size first
@@ -222,6 +224,7 @@ class Trainer:
             self._window.add(loss.detach(), logits.detach(), labels, batch["bad_samples"])
         if self.noise is not None:
             # Before the step, which consumes the gradients. Non-finite estimates are ignored by update().
+            assert isinstance(backend, MeasuresNoiseScale), "train refuses a noise scale the backend cannot measure"
             measurement = backend.noise_measurement()
             if measurement is not None:
                 self.noise.update(measurement)
@@ -291,7 +294,8 @@ class Trainer:
         module = self.backend.module
         module.eval()
         totals = torch.zeros(4, dtype=torch.float64, device=self.backend.info.device)
-        with self.backend.slow_weights():  # Lookahead's slow weights, when there are any
+        swap = self.backend.slow_weights() if isinstance(self.backend, HoldsSlowWeights) else contextlib.nullcontext()
+        with swap:  # Lookahead's slow weights, when there are any
             for batch in self.parts.eval_loader_fn():
                 images, labels = self.normalise(batch["image"]), batch["label"].to(self.backend.info.device)
                 with self.backend.autocast():

@@ -21,7 +21,6 @@ from dist_train.config import accumulation_steps
 from dist_train.distributed import DistInfo, barrier
 
 BACKEND_FILE = "backend.pt"
-SLOW_MODEL_FILE = "model-slow.pt"  # with Lookahead: the slow weights, as a module state_dict
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 
 
@@ -69,12 +68,6 @@ class Backend(abc.ABC):
         """Context for the forward pass; backends that cast the model themselves need none."""
         return contextlib.nullcontext()
 
-    def slow_weights(self) -> contextlib.AbstractContextManager:
-        """Context in which the module holds Lookahead's slow weights, for evaluation (collective)."""
-        from dist_train.optim import slow_weights
-
-        return slow_weights(self.optimizer)
-
     @abc.abstractmethod
     def grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-step's forward and backward; gradients are all-reduced only if ``enabled``."""
@@ -90,16 +83,6 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def optimizer_step(self, *, grad_clip_norm: float = 0.0) -> torch.Tensor:
         """Step the optimizer on the synced gradients, zero them, and return the global gradient norm."""
-
-    # --- gradient noise scale ------------------------------------------------------------------
-    def enable_noise_scale(self) -> None:
-        """Start measuring |G_small|^2 and |G_big|^2 each step (docs/theory.md section 2). Call after ``setup``."""
-        raise NotImplementedError(f"{type(self).__name__} cannot measure the gradient noise scale")
-
-    def noise_measurement(self) -> Any:
-        """This step's ``NoiseMeasurement`` after the synced backward and before ``optimizer_step``;
-        None when not enabled or not measurable this step (one process without accumulation)."""
-        return None
 
     # --- collectives -------------------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
@@ -132,21 +115,6 @@ class Backend(abc.ABC):
         if self.is_main:
             save_tensor_file(state, directory / BACKEND_FILE)
 
-    def save_slow_weights(self, directory: Path) -> None:
-        """Collective, with Lookahead only: the main rank writes ``SLOW_MODEL_FILE`` into ``directory``.
-
-        It is the module's state_dict with the slow weights swapped in (and the BN statistics as they
-        are), the model that evaluation measures, so ``dist-train export`` can write it without knowing
-        how the optimizer state is laid out or sharded. Resuming does not read it."""
-        from dist_train.optim import has_slow_weights
-
-        if not has_slow_weights(self.optimizer):
-            return
-        with self.slow_weights():
-            if self.is_main:
-                save_tensor_file({k: v.detach().cpu() for k, v in self.module.state_dict().items()},
-                                 directory / SLOW_MODEL_FILE)
-
     def load_from(self, directory: Path) -> None:
         """Load what ``save_to`` wrote; a clear error if it belongs to another model or optimizer."""
         state = load_tensor_file(directory / BACKEND_FILE)
@@ -157,15 +125,3 @@ class Backend(abc.ABC):
                 f"checkpoint {directory} does not fit this run's model or optimizer ({str(err)[:500]}); "
                 f"resume with the config it was written with (its config.yaml in train.run_dir), or start "
                 f"afresh in a new train.run_dir") from None
-
-
-def build_backend(name: str, info: DistInfo, *, micro_batch_size: int, **options: Any) -> Backend:
-    if name == "ddp":
-        from dist_train.backends.ddp import DDPBackend
-
-        return DDPBackend(info, micro_batch_size=micro_batch_size, **options)
-    if name == "deepspeed":
-        from dist_train.backends.deepspeed import DeepSpeedBackend  # imported here: deepspeed is heavy
-
-        return DeepSpeedBackend(info, micro_batch_size=micro_batch_size, **options)
-    raise ValueError(f"backend.name={name!r} is not known; use ddp or deepspeed")

@@ -10,10 +10,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_train.backends.base import Backend, OptimizerFactory
+from dist_train.backends.capabilities import LookaheadSlowWeights
 from dist_train.noise_scale import AccumulationNoiseScaleProbe, DDPNoiseScaleProbe, NoiseMeasurement
 
 
-class DDPBackend(Backend):
+class DDPBackend(LookaheadSlowWeights, Backend):
+    """DDP, or a plain module in one process; measures the noise scale and holds Lookahead's slow weights."""
+
     def __init__(self, info, *, micro_batch_size: int, precision: str = "fp32"):
         super().__init__(info, micro_batch_size=micro_batch_size)
         self.precision = precision

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_train.backends.base import Backend, OptimizerFactory
+from dist_train.backends.capabilities import LookaheadSlowWeights
 from dist_train.checkpoint import CheckpointError
 from dist_train.distributed import DistInfo
 from dist_train.noise_scale import NoiseMeasurement
@@ -95,7 +96,7 @@ def read_overrides(path: str) -> dict[str, Any]:
     return overrides
 
 
-class DeepSpeedBackend(Backend):
+class DeepSpeedBackend(LookaheadSlowWeights, Backend):
     def __init__(self, info: DistInfo, *, micro_batch_size: int, zero_stage: int = 1, precision: str = "fp32",
                  grad_clip_norm: float = 0.0, config_file: str = ""):
         super().__init__(info, micro_batch_size=micro_batch_size)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dist_train.backends.base import BACKEND_FILE as DDP_FILE
-from dist_train.backends.base import SLOW_MODEL_FILE
+from dist_train.backends.capabilities import SLOW_MODEL_FILE
 from dist_train.checkpoint import MANIFEST, Checkpointer, CheckpointError, load_tensor_file, save_tensor_file
 from dist_train.files import replaced_atomically
 

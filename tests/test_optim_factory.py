@@ -103,3 +103,28 @@ def test_state_bytes_counts_every_state_tensor(name, lookahead, copies):
     opt.step()
     n_bytes = sum(p.numel() * 4 for p in model.parameters())
     assert optimizer_state_bytes(opt) == copies * n_bytes
+
+
+def test_one_table_holds_the_facts_of_every_optimizer_the_config_can_name():
+    import typing
+
+    import torch
+
+    from dist_train.optim.config import OptimConfig
+    from dist_train.optim_info import OPTIMIZERS
+    from dist_train.schedule import optimizer_family
+
+    names = typing.get_args(typing.get_type_hints(OptimConfig)["name"])
+    assert sorted(names) == sorted(OPTIMIZERS)  # the config's choices are the table's rows
+    model = torch.nn.Linear(3, 2)
+    for name, info in OPTIMIZERS.items():
+        decoupled = info.weight_decay == "decoupled"
+        built = build_optimizer(model, OptimConfig(name=name, decoupled_weight_decay=decoupled))
+        assert isinstance(built, torch.optim.Optimizer), name
+        assert optimizer_family(name) == info.family
+        if info.weight_decay == "l2":
+            with pytest.raises(ValueError, match="L2 weight decay only"):
+                OptimConfig(name=name, decoupled_weight_decay=True)
+        if not info.nesterov:
+            with pytest.raises(ValueError, match="nesterov applies to sgd only"):
+                OptimConfig(name=name, nesterov=True, decoupled_weight_decay=decoupled)

@@ -63,14 +63,17 @@ class OptimConfig:
         self._check_name_specific()
 
     def _check_name_specific(self) -> None:
-        if self.nesterov and self.name != "sgd":
+        from dist_train.optim_info import optim_info
+
+        info = optim_info(self.name)
+        if self.nesterov and not info.nesterov:
             raise ValueError(f"optim.nesterov applies to sgd only, not {self.name!r}; for qhm set "
                              "optim.qhm_nu equal to optim.momentum to get Nesterov")
         if self.nesterov and self.momentum == 0:
             raise ValueError("optim.nesterov=true needs optim.momentum > 0")
-        if self.name == "sgd" and self.decoupled_weight_decay:
-            raise ValueError("optim.name='sgd' (torch.optim.SGD) has L2 weight decay only; set "
+        if info.weight_decay == "l2" and self.decoupled_weight_decay:
+            raise ValueError(f"optim.name={self.name!r} has L2 weight decay only; set "
                              "optim.decoupled_weight_decay=false, or use qhm (qhm_nu=1 is heavy ball)")
-        if self.name == "adamw" and not self.decoupled_weight_decay and self.weight_decay > 0:
-            raise ValueError("optim.name='adamw' decouples weight decay by definition; set "
+        if info.weight_decay == "decoupled" and not self.decoupled_weight_decay and self.weight_decay > 0:
+            raise ValueError(f"optim.name={self.name!r} decouples weight decay by definition; set "
                              "optim.decoupled_weight_decay=true (or optim.weight_decay=0), or use radam for L2")

@@ -10,9 +10,8 @@ from torch.optim import Optimizer
 
 from dist_train.optim.config import OptimConfig
 from dist_train.optim.lookahead import Lookahead
-from dist_train.optim.qhm import QHM
-from dist_train.optim.radam import RAdam
 from dist_train.optim.sharded import ShardedOptimizer
+from dist_train.optim_info import optim_info
 
 
 def param_groups(model: torch.nn.Module, *, weight_decay: float) -> list[dict]:
@@ -51,18 +50,4 @@ def _build_local(groups: list[dict], *, cfg: OptimConfig) -> Optimizer:
 
 
 def _build_inner(groups: list[dict], cfg: OptimConfig) -> Optimizer:
-    # torch's SGD and AdamW are used as they are: with a constant momentum they are what we want,
-    # and on CPU they only take the multi-tensor path when asked (foreach=True).
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay, foreach=True)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay, foreach=True)
-    if cfg.name == "radam":
-        return RAdam(groups, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), eps=cfg.eps,
-                     weight_decay=cfg.weight_decay, decoupled_weight_decay=cfg.decoupled_weight_decay)
-    if cfg.name == "qhm":
-        return QHM(groups, lr=cfg.lr, momentum=cfg.momentum, nu=cfg.qhm_nu, weight_decay=cfg.weight_decay,
-                   decoupled_weight_decay=cfg.decoupled_weight_decay)
-    raise ValueError(f"unknown optimizer optim.name={cfg.name!r}; choose sgd, radam, qhm or adamw")
+    return optim_info(cfg.name).build(groups, cfg)

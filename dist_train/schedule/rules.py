@@ -28,17 +28,15 @@ from typing import Literal
 OptimizerFamily = Literal["sgd", "normalized"]
 FAMILIES: tuple[str, ...] = ("sgd", "normalized")
 
-# optim.name -> family; every optimizer in dist_train.optim except plain SGD normalises its momentum.
-_FAMILY_OF_OPTIMIZER = {"sgd": "sgd", "radam": "normalized", "qhm": "normalized", "adamw": "normalized"}
-
 
 def optimizer_family(optimizer_name: str) -> OptimizerFamily:
-    """The momentum family of ``optim.name``: ``sgd`` for momentum SGD, ``normalized`` for radam, qhm, adamw."""
-    try:
-        return _FAMILY_OF_OPTIMIZER[optimizer_name]  # type: ignore[return-value]
-    except KeyError:
-        raise ValueError(f"no momentum family is known for optimizer {optimizer_name!r}; "
-                         f"known: {sorted(_FAMILY_OF_OPTIMIZER)}") from None
+    """The momentum family of ``optim.name`` (``dist_train.optim_info``): ``sgd`` for momentum SGD,
+    ``normalized`` for radam, qhm and adamw."""
+    from dist_train.optim_info import OPTIMIZERS
+
+    if optimizer_name not in OPTIMIZERS:
+        raise ValueError(f"no momentum family is known for optimizer {optimizer_name!r}; known: {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[optimizer_name].family
 
 
 def _check_family(family: str) -> None:

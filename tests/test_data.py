@@ -103,3 +103,19 @@ time.sleep(600)
     for pid in alive:  # do not leave them behind if the test fails
         os.kill(pid, signal.SIGKILL)
     assert not alive, f"loader workers {alive} outlived their killed rank"
+
+
+def test_a_worker_whose_rank_died_before_it_could_ask_for_the_signal_kills_itself():
+    # The race behind a CI failure: the rank is killed while a worker is still starting, before the worker's
+    # prctl(PR_SET_PDEATHSIG). The kernel never signals it then; the worker must see that its parent changed.
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import os; from dist_train.data.loader import _die_with_parent; "
+            "_die_with_parent(os.getppid() + 1_000_000); print('survived')")  # a parent that is not ours
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL and "survived" not in proc.stdout
+    ok = subprocess.run([sys.executable, "-c", code.replace(" + 1_000_000", "")], capture_output=True, text=True,
+                        timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == "survived"  # with its real parent it lives on

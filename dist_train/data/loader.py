@@ -14,7 +14,9 @@ workers without resampling, so every test sample is counted exactly once.
 
 from __future__ import annotations
 
+import functools
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -154,11 +156,12 @@ def _loader(pipeline: wds.DataPipeline, num_workers: int, *, seed: int) -> torch
     # (re)created, or a resumed run would draw different augmentations than the uninterrupted one.
     return torch.utils.data.DataLoader(
         pipeline, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=False, worker_init_fn=_worker_init, generator=torch.Generator().manual_seed(seed),
+        persistent_workers=False, worker_init_fn=functools.partial(_worker_init, parent_pid=os.getpid()),
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
-def _worker_init(worker_id: int) -> None:
+def _worker_init(worker_id: int, *, parent_pid: int) -> None:
     import signal
 
     torch.set_num_threads(1)
@@ -166,13 +169,17 @@ def _worker_init(worker_id: int) -> None:
     # and a worker acting on SIGUSR2 (submitit's requeue signal) would requeue the job itself.
     for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    _die_with_parent()
+    _die_with_parent(parent_pid)
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this worker when its rank dies. A rank killed outright (OOM killer, torchrun tearing a
-    group down) cannot stop its workers, and since they ignore SIGTERM above, an orphan would live on and
-    hold the rank's stdout, stderr and memory."""
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this worker when its rank (``parent_pid``) dies. A rank killed outright (OOM killer,
+    torchrun tearing a group down) cannot stop its workers, and since they ignore SIGTERM above, an orphan
+    would live on and hold the rank's stdout, stderr and memory.
+
+    The kernel sends the signal only for a death after the ``prctl``: a rank killed while this worker was
+    still starting (seen in CI, on a loaded machine) has already left, and the worker has a new parent.
+    So the parent is checked once more after the ``prctl``, as prctl(2) advises."""
     import ctypes
     import signal
     import sys
@@ -180,3 +187,5 @@ def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -49,10 +49,12 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
                                 rank=info.rank, world_size=info.world_size, barrier=partial(barrier, info))
     latest = checkpointer.latest_valid() if cfg.checkpoint.resume else None
     precision = _precision(cfg, info, recorded=Checkpointer.run_facts(latest).get("precision"))
+    parts = _parts(cfg, info, manifest, precision=precision, checkpointer=checkpointer)
+    # Tracking starts once everything is built, so a run that cannot start leaves no MLflow run behind;
+    # from here on every outcome, a failed resume included, ends the MLflow run with a status.
     run_id = _continued_run_id(latest, run_dir)
     tracker = _start_tracking(cfg, info, run_dir, run_id, precision=precision)
-    parts = _parts(cfg, info, manifest, precision=precision, checkpointer=checkpointer, tracker=tracker,
-                   logged_through_step=tracker.last_logged_step() if run_id else 0)
+    parts = replace(parts, tracker=tracker, logged_through_step=tracker.last_logged_step() if run_id else 0)
     trainer = Trainer(cfg.train, parts, max_bad_sample_fraction=cfg.data.max_bad_sample_fraction,
                       checkpoint_every_steps=cfg.checkpoint.every_steps)
     return _fit_and_report(trainer, info, run_dir, resume_from=latest,
@@ -70,9 +72,8 @@ def _precision(cfg: Config, info: Any, *, recorded: str | None) -> Precision:
     return precision
 
 
-def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Precision, checkpointer: Any, tracker: Any,
-           logged_through_step: int) -> Any:
-    """Model, backend, schedule, noise scale and data of the run, as the Trainer's parts."""
+def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Precision, checkpointer: Any) -> Any:
+    """Model, backend, schedule, noise scale and data of the run, as the Trainer's parts (no tracker yet)."""
     from dist_train.backends import build_backend
     from dist_train.cpu import apply_memory_format
     from dist_train.data import loader
@@ -104,8 +105,7 @@ def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Preci
         eval_loader_fn=lambda: loader.eval_batches(manifest, cfg.data, micro_batch_size=micro, rank=info.rank,
                                                    world_size=info.world_size),
         normalise=Normalise(mean, std, device=info.device, channels_last=cfg.model.channels_last),
-        dataset_size=dataset_size, checkpointer=checkpointer, tracker=tracker, noise=noise,
-        batch_controller=controller, logged_through_step=logged_through_step)
+        dataset_size=dataset_size, checkpointer=checkpointer, noise=noise, batch_controller=controller)
 
 
 def _fit_and_report(trainer: Any, info: Any, run_dir: Path, *, resume_from: Path | None,

@@ -61,7 +61,8 @@ def read_launch_env() -> tuple[int, int, int, int]:
         rank, world = _env_int("SLURM_PROCID", default=0), _env_int("SLURM_NTASKS", default=1)
         local_rank = _env_int("SLURM_LOCALID", default=0)
         local_world = _env_int("SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", default=world)
-        os.environ.setdefault("MASTER_ADDR", _slurm_master_addr())
+        if "MASTER_ADDR" not in os.environ:  # not setdefault: that would run scontrol on every call
+            os.environ["MASTER_ADDR"] = _slurm_master_addr()
         os.environ.setdefault("MASTER_PORT", str(20000 + _env_int("SLURM_JOB_ID", default=0) % 20000))
         return rank, world, local_rank, local_world
     return 0, 1, 0, 1

@@ -92,7 +92,11 @@ class Trainer:
         self.progress = Progress()
         self.states: dict[str, Stateful] = {"progress": self.progress, "torch_rng": TorchRNG()}
         """This rank's training state besides model and optimizer (those belong to the backend), by name."""
+        self._noise_probe: MeasuresNoiseScale | None = None
         if parts.noise is not None:
+            # Asked once, not per step: train refuses a noise scale the backend cannot measure.
+            assert isinstance(self.backend, MeasuresNoiseScale), f"{type(self.backend).__name__} cannot measure it"
+            self._noise_probe = self.backend
             self.states["noise"] = parts.noise
         if parts.batch_controller is not None:
             self.states["batch_controller"] = parts.batch_controller
@@ -222,10 +226,9 @@ class Trainer:
                 backend.backward(loss / accum_steps)
             step_loss += loss.detach()
             self._window.add(loss.detach(), logits.detach(), labels, batch["bad_samples"])
-        if self.noise is not None:
+        if self.noise is not None and self._noise_probe is not None:
             # Before the step, which consumes the gradients. Non-finite estimates are ignored by update().
-            assert isinstance(backend, MeasuresNoiseScale), "train refuses a noise scale the backend cannot measure"
-            measurement = backend.noise_measurement()
+            measurement = self._noise_probe.noise_measurement()
             if measurement is not None:
                 self.noise.update(measurement)
         # One small all-reduce (and host sync) per step: every rank must skip, stop or go on together.

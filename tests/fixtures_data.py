@@ -49,7 +49,7 @@ def _fetch_photos(dest: Path) -> None:
     download_dir.mkdir(parents=True, exist_ok=True)
     wheels = sorted(download_dir.glob("foolbox-*.whl"))
     if not wheels:
-        env = {k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS"}  # see ENVIRONMENT.md
+        env = {k: v for k, v in os.environ.items() if k != "PIP_FIND_LINKS"}  # see docs/install.md
         result = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--retries", "1", "--timeout", "20",
              "--disable-pip-version-check", FOOLBOX_REQUIREMENT, "-d", str(download_dir)],

@@ -11,8 +11,8 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-DEMO_DEBS := dataset-fashion-mnist
-TEST_DEBS := dataset-fashion-mnist slurm-wlm slurmctld slurmd slurm-client slurmdbd munge mariadb-server postgresql
+DEMO_DEBS := dataset-fashion-mnist curl
+TEST_DEBS := dataset-fashion-mnist curl slurm-wlm slurmctld slurmd slurm-client slurmdbd munge mariadb-server postgresql
 
 .PHONY: demo test lint venv debs-demo debs-test bench clean
 

@@ -50,8 +50,8 @@ def recompute_bn_stats(model: torch.nn.Module, manifest: dict, cfg, normalise: N
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over all the batches below
     model.train()
-    stream = iter(loader.train_batches(manifest, cfg.data, micro_batch_size=cfg.train.micro_batch_size,
-                                       rank=0, world_size=1, seed=12345))
+    stream = iter(loader.TrainStream(manifest, cfg.data, micro_batch_size=cfg.train.micro_batch_size,
+                                     rank=0, world_size=1, seed=12345))
     for _ in range(batches):
         model(normalise(next(stream)["image"]))
 

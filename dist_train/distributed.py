@@ -119,11 +119,6 @@ def data_seed(seed: int) -> int:
     return seed * 7919 + 1
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """A rank's own stream (shuffle buffer, loader workers) from the data seed: distinct for 1000 ranks."""
-    return seed * 1000 + rank
-
-
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA). Ranks pass the same seed so models start identical."""
     random.seed(seed)

@@ -10,7 +10,7 @@ that meets the protocol, not a new branch in the loop. Everything that must surv
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # the annotations only: importing these at run time would pull in torch and mlflow
     from dist_train.backends import Backend
@@ -28,6 +28,14 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class DataStream(Stateful, Protocol):
+    """This rank's endless stream of training micro-batches. Its state is its position: after
+    ``load_state_dict``, the next iterator starts where the saved stream stood, without replaying it."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]: ...
 
 
 class TrainingSchedule(Protocol):
@@ -70,8 +78,8 @@ class TrainerParts:
     schedule: TrainingSchedule
     set_hyperparams: Callable[..., None]
     """``set_hyperparams(optimizer, lr=..., momentum=...)``: writes the schedule's state into the optimizer."""
-    train_loader_fn: Callable[[], Iterable[dict]]
-    """A fresh, endless iterator of this rank's training micro-batches."""
+    train_data: DataStream
+    """This rank's training micro-batches; saved and restored with the other states."""
     eval_loader_fn: Callable[[], Iterable[dict]]
     """One pass over this rank's share of the evaluation split."""
     normalise: Normalise

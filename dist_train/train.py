@@ -37,13 +37,13 @@ def run(config_path: str | None, overrides: list[str] | tuple[str, ...] = ()) ->
 def train(cfg: Config, info: Any) -> dict[str, Any]:
     """Build every part of the run from ``cfg``, the Trainer once from them, resume if asked, and train."""
     from dist_train.checkpoint import Checkpointer
-    from dist_train.data.shards import read_manifest
+    from dist_train.data.reader import load_manifest
     from dist_train.distributed import barrier, seed_everything
     from dist_train.trainer import Trainer
 
     check(cfg, world_size=info.world_size)  # also for callers that skip run()
     seed_everything(cfg.train.seed)
-    manifest = read_manifest(cfg.data.shards)
+    manifest = load_manifest(cfg.data.shards, cfg.data.shard_url)
     run_dir = Path(cfg.train.run_dir)
     checkpointer = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                 rank=info.rank, world_size=info.world_size, barrier=partial(barrier, info))
@@ -100,8 +100,8 @@ def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Preci
     micro = cfg.train.micro_batch_size
     return TrainerParts(
         backend=backend, schedule=schedule, set_hyperparams=set_hyperparams,
-        train_loader_fn=lambda: loader.train_batches(manifest, cfg.data, micro_batch_size=micro, rank=info.rank,
-                                                     world_size=info.world_size, seed=data_seed(cfg.train.seed)),
+        train_data=loader.TrainStream(manifest, cfg.data, micro_batch_size=micro, rank=info.rank,
+                                      world_size=info.world_size, seed=data_seed(cfg.train.seed)),
         eval_loader_fn=lambda: loader.eval_batches(manifest, cfg.data, micro_batch_size=micro, rank=info.rank,
                                                    world_size=info.world_size),
         normalise=Normalise(mean, std, device=info.device, channels_last=cfg.model.channels_last),

@@ -31,12 +31,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Progress:
-    """The only mutable training state besides model, optimizer and RNGs."""
+    """The loop's counters; model, optimizer, RNGs and the data position are states of their own."""
 
     step: int = 0
     samples_seen: int = 0
-    micro_batches: int = 0
-    """Micro-batches this rank has drawn from its training stream: the data position."""
     bad_samples: int = 0
     skipped_steps: int = 0
     """Steps whose update was skipped because the loss was not finite."""
@@ -45,7 +43,7 @@ class Progress:
         return dict(vars(self))
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in vars(self):
+        for key in vars(self):  # strict: a missing counter is an error; micro_batches of older runs is ignored
             setattr(self, key, int(state[key]))
 
 
@@ -90,7 +88,8 @@ class Trainer:
         self.max_bad_sample_fraction = max_bad_sample_fraction
         self.checkpoint_every_steps = checkpoint_every_steps
         self.progress = Progress()
-        self.states: dict[str, Stateful] = {"progress": self.progress, "torch_rng": TorchRNG()}
+        self.states: dict[str, Stateful] = {"progress": self.progress, "torch_rng": TorchRNG(),
+                                            "data": parts.train_data}
         """This rank's training state besides model and optimizer (those belong to the backend), by name."""
         self._noise_probe: MeasuresNoiseScale | None = None
         if parts.noise is not None:
@@ -126,7 +125,7 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         self.checkpointer.load_states(path, self.states)  # checks the world size first
         self.backend.load_from(path)
-        self._stream = None  # re-created at the saved data position on next use
+        self._stream = None  # re-created at the restored data position on next use
 
     def collect_train_metrics(self) -> dict[str, float]:
         """Collective: the training metrics summed on the device since the last call, reduced over ranks
@@ -145,13 +144,8 @@ class Trainer:
         return self.cfg.epochs > 0 and p.samples_seen >= self.total_samples
 
     def _next_micro_batch(self) -> dict:
-        if self._stream is None:
-            self._stream = iter(self.parts.train_loader_fn())
-            # Resume: the stream is deterministic given the seed, so skipping what was already
-            # consumed puts this rank exactly where the interrupted run stood.
-            for _ in range(self.progress.micro_batches):
-                next(self._stream)
-        self.progress.micro_batches += 1
+        if self._stream is None:  # starts at the data position: the run's start, or the restored one
+            self._stream = iter(self.parts.train_data)
         return next(self._stream)
 
     def fit(self) -> dict[str, float]:

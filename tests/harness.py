@@ -45,6 +45,28 @@ def rank_stream(batches: list[dict], *, rank: int, world_size: int, micro: int) 
                    "bad_samples": torch.zeros((), dtype=torch.long)}
 
 
+class ListStream:
+    """``rank_stream`` as a ``Stateful`` data stream: its position is the micro-batches this rank has drawn."""
+
+    def __init__(self, batches: list[dict], *, rank: int, world_size: int, micro: int):
+        self.batches, self.rank, self.world_size, self.micro = batches, rank, world_size, micro
+        self.drawn = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        stream = rank_stream(self.batches, rank=self.rank, world_size=self.world_size, micro=self.micro)
+        for _ in range(self.drawn):  # in memory: skipping is free here, unlike the shard reader's replay
+            next(stream)
+        for batch in stream:
+            self.drawn += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drawn = int(state["drawn"])
+
+
 class ListSchedule:
     """A schedule that returns the given global batch size at each step (in order of samples seen)."""
 
@@ -72,7 +94,7 @@ def make_trainer(rank: int, world_size: int, *, batches: list[dict], micro: int,
                       eval_every_epochs=0, log_every_steps=1, progress_bar=False)
     parts = TrainerParts(
         backend=backend, schedule=schedule or ListSchedule(sizes), set_hyperparams=set_hyperparams,
-        train_loader_fn=lambda: rank_stream(batches, rank=rank, world_size=world_size, micro=micro),
+        train_data=ListStream(batches, rank=rank, world_size=world_size, micro=micro),
         eval_loader_fn=lambda: iter(()), normalise=Normalise((0.5,), (0.25,), device=info.device, channels_last=False),
         dataset_size=sum(sizes), noise=noise, batch_controller=batch_controller,
         checkpointer=Checkpointer(run_dir or "/nonexistent", keep_last=2, rank=rank, world_size=world_size,

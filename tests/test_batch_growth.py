@@ -26,11 +26,11 @@ def _run(rank, world_size, micro):
     sizes, accum = [], []
     for _ in EXPECTED_SIZES:
         state = trainer.schedule.state_at(trainer.progress.samples_seen)
-        before = trainer.progress.micro_batches
+        before = trainer.parts.train_data.drawn
         trainer.train_step(state)
         sizes.append(state.global_batch_size)
         # Samples this step actually drew from the stream, summed over ranks.
-        drawn = torch.tensor([(trainer.progress.micro_batches - before) * micro])
+        drawn = torch.tensor([(trainer.parts.train_data.drawn - before) * micro])
         trainer.backend.all_reduce(drawn)
         accum.append((trainer.backend.accum_steps, int(drawn)))
     return params_of(trainer), sizes, accum, trainer.progress.samples_seen

@@ -359,7 +359,7 @@ def test_pipe_and_http_shard_sources_read_the_same_samples(imagenet_shards, tmp_
 
 def test_corrupt_jpeg_in_a_shard_is_skipped_and_counted(imagenet_photos, tmp_path):
     from dist_train.config import DataConfig
-    from dist_train.data.loader import eval_batches, train_batches
+    from dist_train.data.loader import TrainStream, eval_batches
     from dist_train.data.shards import SplitSource, write_shards
 
     payloads = [p.read_bytes() for p in imagenet_photos[:10]]
@@ -373,10 +373,12 @@ def test_corrupt_jpeg_in_a_shard_is_skipped_and_counted(imagenet_photos, tmp_pat
     cfg = DataConfig(shards=str(tmp_path), num_workers=0, shuffle_buffer=0)
     batches = list(eval_batches(manifest, cfg, micro_batch_size=4, rank=0, world_size=1))
     assert sum(len(b["label"]) for b in batches) == 8 and sum(int(b["bad_samples"]) for b in batches) == 2
-    stream = iter(train_batches(manifest, cfg, micro_batch_size=4, rank=0, world_size=1, seed=0))
-    drawn = [next(stream) for _ in range(10)]  # 40 good samples, about 10 bad ones skipped on the way
-    bad = sum(int(b["bad_samples"]) for b in drawn)
-    assert 4 <= bad <= 20 and all(len(b["label"]) == 4 for b in drawn)
+    stream = iter(TrainStream(manifest, cfg, micro_batch_size=4, rank=0, world_size=1, seed=0))
+    drawn = [next(stream) for _ in range(10)]  # 40 samples: 4 epochs of 10, 2 bad ones in each
+    assert sum(int(b["bad_samples"]) for b in drawn) == 8
+    # A bad sample's slot holds a good sample of its micro-batch: the batch keeps its size, the position its count.
+    assert all(len(b["label"]) == 4 and b["image"].shape == (4, 3, 224, 224) for b in drawn)
+    assert all(len(set(b["index"].tolist())) == 4 - int(b["bad_samples"]) for b in drawn)
 
 
 # --- the recipes themselves, on a CPU ----------------------------------------------------------------

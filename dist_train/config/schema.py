@@ -18,9 +18,16 @@ class DataConfig:
     """Where the shard files are read from when they are not beside the manifest: a template with ``{name}``,
     e.g. ``https://host/imagenet/{name}`` or ``pipe:aws s3 cp s3://bucket/imagenet/{name} -``."""
     num_workers: int = 1
-    """DataLoader worker processes per rank. Each needs at least one training shard of its own."""
+    """DataLoader worker processes per rank (decoding and augmentation). Any number works with any number of
+    shards: ranks and workers are dealt ranges of samples, not whole shards."""
     shuffle_buffer: int = 2000
-    """Samples held in the training shuffle buffer, per worker."""
+    """Training samples permuted together: each epoch's order (shards in a fresh permutation) is shuffled
+    within windows of this many samples, whose boundaries move every epoch. A worker holds up to one
+    window of encoded samples and reads up to two windows beyond its share of an epoch. 0 reads each shard
+    in its stored (already shuffled) order."""
+    resample: bool = False
+    """Draw each epoch's shards with replacement (webdataset's resampling) instead of a permutation, so an
+    "epoch" no longer sees every sample exactly once. Off by default: true epochs."""
     image_size: int = 0
     """Training crop size in pixels; 0 keeps the stored size (Fashion-MNIST's 28)."""
     max_bad_sample_fraction: float = 0.01
@@ -33,7 +40,7 @@ class DataConfig:
         if self.num_workers < 0:
             raise ValueError("data.num_workers must be >= 0")
         if self.shuffle_buffer < 0:
-            raise ValueError("data.shuffle_buffer must be >= 0 (0 disables shuffling)")
+            raise ValueError("data.shuffle_buffer must be >= 0 (0 reads shards in their stored order)")
         if not 0.0 <= self.max_bad_sample_fraction < 1.0:
             raise ValueError("data.max_bad_sample_fraction must be in [0, 1)")
 

@@ -64,10 +64,11 @@ def eval_decoder(size: int = 224, resize: int = 256, *, backend: str = "auto") -
 class TrainDecoder:
     """Callable ``bytes -> uint8 tensor (3, size, size)`` with random crop and flip.
 
-    Random numbers come from a private generator created on first use in each process, so
-    every DataLoader worker draws its own stream. Its seed is ``(seed, worker id)`` when
-    ``seed`` is given, else ``torch.initial_seed()``, which the DataLoader already makes
-    distinct per worker and reproducible from the main process's ``torch.manual_seed``.
+    The training stream passes each call a generator seeded by the sample's place in the epoch order, so
+    a crop does not depend on which worker decodes it. Called without one, random numbers come from a
+    private generator created on first use in each process, so every DataLoader worker draws its own
+    stream. Its seed is ``(seed, worker id)`` when ``seed`` is given, else ``torch.initial_seed()``, which
+    the DataLoader already makes distinct per worker and reproducible from ``torch.manual_seed``.
     """
 
     def __init__(self, size: int, *, seed: int | None = None,
@@ -84,8 +85,10 @@ class TrainDecoder:
         self._rng: random.Random | None = None
         self._rng_pid: int | None = None
 
-    def __call__(self, data: bytes) -> torch.Tensor:
-        rng = self._process_rng()
+    def __call__(self, data: bytes, rng: random.Random | None = None) -> torch.Tensor:
+        """The augmented image; its crop and flip come from ``rng`` (the training stream passes one seeded per
+        sample), else from this process's generator."""
+        rng = rng if rng is not None else self._process_rng()
         header = read_header(data, use_simplejpeg=self.use_simplejpeg)
         box = random_resized_crop_box(header.width, header.height, rng, scale=self.scale, ratio=self.ratio)
         flip = rng.random() < 0.5

@@ -171,8 +171,8 @@ def write_shards(
     return manifest
 
 
-def read_manifest(shard_dir: str | os.PathLike) -> dict:
-    """Load ``manifest.json`` and check that every shard it lists is present."""
+def read_manifest(shard_dir: str | os.PathLike, *, check_files: bool = True) -> dict:
+    """Load ``manifest.json`` and (``check_files``) check that every shard it lists is present beside it."""
     root = Path(shard_dir)
     hint = _MAKE_SHARDS_HINT.format(dir=root)
     if not root.is_dir():
@@ -184,21 +184,27 @@ def read_manifest(shard_dir: str | os.PathLike) -> dict:
                 f"{root} holds an unfinished set of shards (the writer was interrupted); re-run the "
                 f"same `dist-train make-shards ...` command: finished shards are kept")
         raise ShardsNotFound(f"{root} has no {MANIFEST_NAME}; {hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); delete it and re-run make-shards") from exc
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(
-            f"{path} has manifest version {manifest.get('version')!r}, this dist_train reads "
-            f"version {MANIFEST_VERSION}; re-create the shards with `dist-train make-shards`")
+    manifest = parse_manifest(path.read_text(), where=str(path))
     missing = [s["name"] for e in manifest["splits"].values() for s in e["shards"]
-               if not (root / s["name"]).is_file()]
+               if check_files and not (root / s["name"]).is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ShardsNotFound(
             f"{root}: {len(missing)} shard file(s) listed in {MANIFEST_NAME} are missing ({shown}); "
             f"re-run the `dist-train make-shards ...` command that wrote them to restore them")
+    return manifest
+
+
+def parse_manifest(text: str | bytes, *, where: str) -> dict:
+    """A manifest from its JSON text, checked for the version this dist_train reads."""
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where} is not valid JSON ({exc}); delete it and re-run make-shards") from exc
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(
+            f"{where} has manifest version {manifest.get('version')!r}, this dist_train reads "
+            f"version {MANIFEST_VERSION}; re-create the shards with `dist-train make-shards`")
     return manifest
 
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import synthetic_jpegs, write_image_folder  # noqa: E402
+from bench_decode import synthetic_jpegs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MICRO, GLOBAL = 16, 32
@@ -38,8 +38,11 @@ def make_shards(root: Path, images: int) -> Path:
     from dist_train.data.imagenet import write_imagenet_shards
 
     src = root / "imagenet"
-    write_image_folder(src / "train", synthetic_jpegs(images, seed=0))
-    write_image_folder(src / "val", synthetic_jpegs(16, seed=1))
+    for split, count, seed in (("train", images, 0), ("val", 16, 1)):
+        for i, data in enumerate(synthetic_jpegs(count, seed=seed)):
+            folder = src / split / f"n{i % 10:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{split}_{i:06d}.JPEG").write_bytes(data)
     out = root / "shards"
     write_imagenet_shards(src, out, samples_per_shard=100, num_workers=2, progress=False)
     return out
@@ -92,6 +95,14 @@ def measure(checkout: Path, config: Path, root: Path, steps: dict[str, int], rep
     return times
 
 
+def cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline-checkout", type=Path, help="another dist_train checkout to measure beside this one")
@@ -112,7 +123,7 @@ def main() -> None:
             print(f"# {label}: dist_train from {imported_from(checkout)}", flush=True)
             results[label] = measure(checkout, config, root / label.replace(" ", "_"), steps, args.repeats)
             print(f"#   {results[label]}", flush=True)
-    print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {args.images} training "
+    print(f"\nMachine: {cpu_model()}, {os.cpu_count()} CPUs; {args.images} training "
           f"JPEGs, micro-batch {MICRO}, global batch {GLOBAL}, 2 loader workers; medians of {args.repeats}.\n")
     print(f"| code | resume at step {steps['early']} (s) | resume at step {steps['late']}, epoch "
           f"{steps['late'] * GLOBAL / args.images:.1f} (s) | late / early |")

@@ -147,8 +147,9 @@ class Checkpointer:
         if set(saved) != set(states):
             raise CheckpointError(
                 f"checkpoint {path} holds the parts {sorted(saved)} but this run has {sorted(states)} (the noise "
-                f"scale or the adaptive batch switched on or off?); resume with the config it was written with "
-                f"(its config.yaml in train.run_dir), or start afresh in a new train.run_dir")
+                f"scale or the adaptive batch switched on or off? a checkpoint without 'data' comes from a "
+                f"dist_train that did not save the data position); resume with the config and version it was "
+                f"written with (its config.yaml in train.run_dir), or start afresh in a new train.run_dir")
         for name, part in states.items():
             part.load_state_dict(saved[name])
 

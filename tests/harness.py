@@ -83,8 +83,10 @@ class ListSchedule:
 def make_trainer(rank: int, world_size: int, *, batches: list[dict], micro: int, optim: OptimConfig,
                  model_fn: Callable[[], nn.Module] = tiny_net, shard: bool = False, run_dir: str = "",
                  checkpoint_every_steps: int = 0, backend: str = "ddp",
-                 backend_options: dict | None = None, schedule=None, noise=None, batch_controller=None) -> Trainer:
-    """A Trainer over ``batches``; ``schedule`` defaults to one that follows the batches' sizes."""
+                 backend_options: dict | None = None, schedule=None, noise=None, batch_controller=None,
+                 train_data=None) -> Trainer:
+    """A Trainer over ``batches`` (or over ``train_data``, a real stream, in steps of the batches' sizes);
+    ``schedule`` defaults to one that follows the batches' sizes."""
     sizes = [len(b["label"]) for b in batches]
     info = DistInfo(rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size,
                     device=torch.device("cpu"))
@@ -94,7 +96,7 @@ def make_trainer(rank: int, world_size: int, *, batches: list[dict], micro: int,
                       eval_every_epochs=0, log_every_steps=1, progress_bar=False)
     parts = TrainerParts(
         backend=backend, schedule=schedule or ListSchedule(sizes), set_hyperparams=set_hyperparams,
-        train_data=ListStream(batches, rank=rank, world_size=world_size, micro=micro),
+        train_data=train_data or ListStream(batches, rank=rank, world_size=world_size, micro=micro),
         eval_loader_fn=lambda: iter(()), normalise=Normalise((0.5,), (0.25,), device=info.device, channels_last=False),
         dataset_size=sum(sizes), noise=noise, batch_controller=batch_controller,
         checkpointer=Checkpointer(run_dir or "/nonexistent", keep_last=2, rank=rank, world_size=world_size,

@@ -180,6 +180,33 @@ def test_remote_shards_need_only_the_manifest_or_not_even_that(small_shards, tmp
     assert all(torch.equal(local[0], x) for x in (piped, served, nowhere))
 
 
+def test_a_run_trains_and_evaluates_from_http_shards_with_no_shard_on_local_disk(small_shards, tmp_path):
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from infra.daemons import stop
+
+    served = tmp_path / "store"  # the trainer is never told this directory
+    served.mkdir()
+    for f in small_shards.iterdir():
+        (served / f.name).write_bytes(f.read_bytes())
+    server, url = _serve(served, tmp_path)
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "dist_train", "train", str(repo / "configs" / "demo.yaml"),
+             f"data.shards={tmp_path / 'nothing_here'}", f"data.shard_url={url}", "train.max_steps=3",
+             "train.progress_bar=false", "tracking.enabled=false", f"train.run_dir={tmp_path / 'run'}"],
+            cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    finally:
+        stop([server])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["eval/samples"] == 300
+
+
 def test_a_missing_remote_shard_is_a_clear_error_within_the_retries(small_shards, tmp_path):
     from infra.daemons import stop
 

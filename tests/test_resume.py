@@ -52,6 +52,66 @@ def test_two_rank_resume_in_the_middle_of_a_lookahead_cycle_is_bit_exact(tmp_pat
         assert torch.equal(params, ref_params)
 
 
+# --- on real shards, through the real data stream ----------------------------------------------------------
+REAL_SIZES = [32] * 6 + [64] * 12  # 960 samples of small_shards' 1,003: the batch doubles after step 6
+
+
+class _Recorded:
+    """A TrainStream that remembers the dataset index of every sample it hands to the trainer."""
+
+    def __init__(self, stream):
+        self.stream, self.indices = stream, []
+
+    def __iter__(self):
+        for batch in self.stream:
+            self.indices += batch["index"].tolist()
+            yield batch
+
+    def state_dict(self):
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state):
+        self.stream.load_state_dict(state)
+
+
+def _real_trainer(rank, world_size, shards, run_dir):
+    from dist_train.config import DataConfig
+    from dist_train.data.loader import TrainStream
+    from dist_train.data.shards import read_manifest
+
+    cfg = DataConfig(shards=str(shards), num_workers=2, shuffle_buffer=100)
+    data = _Recorded(TrainStream(read_manifest(shards), cfg, micro_batch_size=8, rank=rank, world_size=world_size,
+                                 seed=11))
+    sizes_only = [{"label": torch.zeros(b)} for b in REAL_SIZES]  # the harness takes the step sizes from these
+    return make_trainer(rank, world_size, batches=sizes_only, micro=8, optim=RADAM_LA, run_dir=run_dir,
+                        train_data=data)
+
+
+def _real_run(rank, world_size, shards, run_dir, stop_at):
+    trainer = _real_trainer(rank, world_size, shards, run_dir)
+    losses = _losses(trainer, stop_at or len(REAL_SIZES))
+    indices = list(trainer.parts.train_data.indices)
+    if stop_at:
+        trainer.save_checkpoint()
+        trainer = _real_trainer(rank, world_size, shards, run_dir)
+        trainer.load_checkpoint(trainer.checkpointer.latest_valid())
+        losses += _losses(trainer, len(REAL_SIZES) - stop_at)
+        indices += trainer.parts.train_data.indices
+    return losses, params_of(trainer), indices
+
+
+def test_two_ranks_on_real_shards_resume_mid_epoch_after_the_batch_grew_bit_exactly(small_shards, tmp_path):
+    ref = run_ranks(_real_run, small_shards, str(tmp_path / "a"), 0, world_size=2, timeout_s=300)
+    # Step 9: the batch has doubled (after step 6) and the epoch is 38% done (384 of 1,003 samples).
+    got = run_ranks(_real_run, small_shards, str(tmp_path / "b"), 9, world_size=2, timeout_s=300)
+    for (ref_losses, ref_params, ref_indices), (losses, params, indices) in zip(ref, got):
+        assert losses == ref_losses and torch.equal(params, ref_params)
+        assert indices == ref_indices
+    # Within the epoch and across the batch change, the two ranks drew 960 of its 1,003 samples, none twice.
+    drawn = ref[0][2] + ref[1][2]
+    assert len(drawn) == sum(REAL_SIZES) == 960 and len(set(drawn)) == 960
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     ckpt = Checkpointer(tmp_path, keep_last=3, rank=0, world_size=1)
     for step in (1, 2):

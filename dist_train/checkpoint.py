@@ -47,20 +47,23 @@ def save_tensor_file(obj: Any, path: Path) -> None:
 
 
 def load_tensor_file(path: Path) -> Any:
-    # weights_only: tensors and plain containers only; a checkpoint cannot run code on load.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # weights_only: tensors and plain containers only; a checkpoint cannot run code on load. mmap: the tensors
+    # are paged in from the file as they are copied into the model, not read into memory first.
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 class Checkpointer:
     """Writes and finds the checkpoints of one run, keeping the last ``keep_last``."""
 
     def __init__(self, directory: str | Path, *, keep_last: int, rank: int, world_size: int,
-                 barrier: Callable[[], None] = lambda: None):
+                 barrier: Callable[[], None] = lambda: None, broadcast: Callable[[Any], Any] = lambda obj: obj):
         self.directory = Path(directory)
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
         self.barrier = barrier
+        self.broadcast = broadcast
+        """``broadcast(obj)``: rank 0's ``obj`` on every rank (``distributed.broadcast_object``)."""
 
     @property
     def is_main(self) -> bool:
@@ -129,6 +132,26 @@ class Checkpointer:
             return path
         return None
 
+    def choose_resume(self) -> Path | None:
+        """Collective: the checkpoint every rank resumes from, chosen by rank 0 alone and broadcast.
+
+        Rank 0 lists the directory and verifies every file of its choice (one read of the checkpoint, not
+        one per rank); the others take its choice, never their own listing: a rank whose view of a shared
+        filesystem is stale (NFS caches directory listings) still loads the step rank 0 chose, so the
+        replicas cannot diverge. Each rank then checks the checksum of its own file as it loads it."""
+        chosen = None
+        if self.is_main:
+            latest = self.latest_valid()
+            chosen = latest.name if latest is not None else None
+        chosen = self.broadcast(chosen)
+        if chosen is None:
+            return None
+        path = self.directory / chosen
+        if not self.is_main and not (path / MANIFEST).is_file():
+            raise CheckpointError(f"rank 0 resumes from {path}, which this rank ({self.rank}) cannot see; checkpoint.dir "
+                                  f"must be on a filesystem every node shares")
+        return path
+
     @staticmethod
     def run_facts(path: Path | None) -> dict[str, Any]:
         """The ``run`` facts recorded in checkpoint ``path``'s manifest; empty for none, or for a checkpoint
@@ -140,10 +163,10 @@ class Checkpointer:
         except (OSError, ValueError) as err:
             raise CheckpointError(f"checkpoint {path} has no readable {MANIFEST} ({err})") from None
 
-    def load_states(self, path: Path, states: Mapping[str, Stateful]) -> None:
-        """Load this rank's parts from a checkpoint ``latest_valid()`` returned, strictly: the checkpoint must
+    def load_states(self, path: Path, states: Mapping[str, Stateful], *, elastic: bool = False) -> None:
+        """Load this rank's parts from a checkpoint ``choose_resume()`` returned, strictly: the checkpoint must
         hold exactly the parts in ``states``."""
-        saved = self.load_rank_state(path)
+        saved = self.load_rank_state(path, elastic=elastic)
         if set(saved) != set(states):
             raise CheckpointError(
                 f"checkpoint {path} holds the parts {sorted(saved)} but this run has {sorted(states)} (the noise "
@@ -153,20 +176,34 @@ class Checkpointer:
         for name, part in states.items():
             part.load_state_dict(saved[name])
 
-    def load_rank_state(self, path: Path) -> dict[str, Any]:
-        """This rank's own state from a checkpoint ``latest_valid()`` returned (its checksums were verified
-        there), after checking the world size matches."""
+    def load_rank_state(self, path: Path, *, elastic: bool = False) -> dict[str, Any]:
+        """This rank's own state from a checkpoint ``choose_resume()`` returned, after checking the world size
+        and the file's checksum.
+
+        ``elastic``: a checkpoint of another world size is taken too (the backend's files must allow it). The
+        parts in a rank file are the same on every rank (progress, data position, noise scale, batch
+        controller) except the torch RNG, so rank r reads ``rank-(r mod W_saved).pt``: a rank that did not
+        exist before starts from another rank's RNG stream."""
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError) as err:
             raise CheckpointError(f"checkpoint {path} has no readable {MANIFEST} ({err})") from None
-        if manifest["world_size"] != self.world_size:
+        saved_world = int(manifest["world_size"])
+        if saved_world != self.world_size and not elastic:
             raise CheckpointError(
-                f"checkpoint {path} was written by {manifest['world_size']} ranks but this run has "
-                f"{self.world_size}; relaunch with {manifest['world_size']} ranks, or start a fresh run in a new "
-                f"train.run_dir (or checkpoint.resume=false)")
+                f"checkpoint {path} was written by {saved_world} ranks but this run has "
+                f"{self.world_size}, and this backend cannot change the world size on resume; relaunch with "
+                f"{saved_world} ranks, or start a fresh run in a new train.run_dir (or checkpoint.resume=false)")
+        if saved_world != self.world_size and self.is_main:
+            log.warning("checkpoint %s was written by %d ranks; resuming on %d (elastic: same global batch, "
+                        "accumulation steps follow the new world size)", path, saved_world, self.world_size)
+        name = f"rank-{self.rank % saved_world}.pt"
+        meta = manifest.get("files", {}).get(name)
+        if meta is None or sha256_file(path / name) != meta["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {name} is missing or does not match its checksum; delete the "
+                                  f"checkpoint to fall back to the previous one")
         try:
-            return load_tensor_file(path / f"rank-{self.rank}.pt")
+            return load_tensor_file(path / name)
         except Exception as err:  # a bad pickle opcode, a disallowed global...
-            raise CheckpointError(f"checkpoint {path}: rank-{self.rank}.pt cannot be read ({err}); delete the "
+            raise CheckpointError(f"checkpoint {path}: {name} cannot be read ({err}); delete the "
                                   f"checkpoint to fall back to the previous one") from err

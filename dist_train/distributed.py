@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,6 +111,15 @@ def barrier(info: DistInfo) -> None:
     """Wait for every rank; nothing to wait for in one process."""
     if info.is_distributed:
         dist.barrier()
+
+
+def broadcast_object(info: DistInfo, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a small picklable value: a decision rank 0 made for all)."""
+    if not info.is_distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=info.device if info.device.type == "cuda" else None)
+    return box[0]
 
 
 # Every seed a run derives from train.seed, in one place. The formulas are kept as they were when the

@@ -1,8 +1,17 @@
-"""Preemption and non-finite losses: decisions every rank must take together.
+"""Preemption, time-based checkpoints and non-finite steps: decisions every rank must take together.
 
-``SIGTERM`` and ``SIGUSR1`` only set a flag; the trainer reads the flags of all ranks with one
-small all-reduce per step (together with "was this step's loss finite?"), so all ranks stop,
-checkpoint, or skip the same step. A signal that lands on one rank is enough.
+Signals only set a flag. The trainer reads every rank's flags with one small all-reduce per step
+(``step_flags``), so all ranks stop, checkpoint, skip or requeue after the same step, and a signal
+that lands on one rank is enough:
+
+- ``SIGTERM`` and ``SIGUSR1``: checkpoint and stop (exit status 75). On SLURM, SIGTERM comes from a
+  cancel, ``scontrol requeue`` or SLURM's own preemption requeue; we never requeue on it ourselves.
+- ``SIGUSR2``: checkpoint, stop, and ask to be requeued. It is submitit's preemption and time-out
+  signal; under submitit, rank 0 then hands it to submitit's own handler, once the checkpoint is
+  written by every rank (``dist_train/launch/slurm.py``).
+
+Decisions that depend on one rank's clock (a checkpoint every N minutes) are made by rank 0 and
+travel in the same all-reduce.
 """
 
 from __future__ import annotations
@@ -10,6 +19,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -19,27 +29,63 @@ log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75
 """Exit status after a preemption checkpoint (EX_TEMPFAIL: "try again"); requeue logic keys on it."""
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+REQUEUE_SIGNALS = (signal.SIGUSR2,)
+PREEMPTION_SIGNALS = STOP_SIGNALS + REQUEUE_SIGNALS
+
+_received: dict[str, str] = {}
+"""Signals this process received, by kind (``stop``, ``requeue``) -> first signal's name. Process-wide, as
+signals are: one that arrives before the training loop starts is not lost."""
+
+
+def record_signal(signum: int) -> None:
+    """Note a preemption signal (called from signal handlers: only sets a flag)."""
+    kind = "requeue" if signum in REQUEUE_SIGNALS else "stop"
+    _received.setdefault(kind, signal.Signals(signum).name)
+
+
+def signals_received() -> dict[str, str]:
+    """The preemption signals received so far, by kind (``stop``, ``requeue``) -> name."""
+    return dict(_received)
+
+
+def clear_signals() -> None:
+    """Forget the signals received (a test, or a new run in the same process)."""
+    _received.clear()
 
 
 class Preempted(Exception):
-    """The run was asked to stop, saved a checkpoint, and should be restarted to continue."""
+    """The run was asked to stop and saved a checkpoint; run it again to continue. ``requeue``: the signal
+    asked for the job to be requeued (SIGUSR2, submitit's)."""
+
+    def __init__(self, message: str, *, requeue: bool = False):
+        super().__init__(message)
+        self.requeue = requeue
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss was NaN or Inf and ``train.nonfinite_loss=stop``."""
+    """The loss or the gradient norm was NaN or Inf and ``train.nonfinite_loss=stop``."""
 
 
 class PreemptionFlag:
     """Installs flag-setting handlers for the preemption signals while the training loop runs."""
 
     def __init__(self) -> None:
-        self.requested = False
         self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        """Whether this process received any preemption signal."""
+        return bool(_received)
+
+    @property
+    def requeue(self) -> bool:
+        """Whether one of them asked for a requeue (SIGUSR2)."""
+        return "requeue" in _received
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         log.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
-        self.requested = True
+        record_signal(signum)
 
     def __enter__(self) -> "PreemptionFlag":
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
@@ -53,10 +99,26 @@ class PreemptionFlag:
         self._previous.clear()
 
 
-def step_flags(*, loss_sum: torch.Tensor, preempt_requested: bool, all_reduce) -> tuple[bool, bool]:
-    """(any rank's loss not finite, any rank asked to stop), agreed by all ranks with one all-reduce."""
-    flags = torch.stack([(~torch.isfinite(loss_sum)).float(),
-                         torch.tensor(float(preempt_requested), device=loss_sum.device)])
-    flags = all_reduce(flags, torch.distributed.ReduceOp.MAX)
-    nonfinite, preempt = flags.tolist()
-    return bool(nonfinite), bool(preempt)
+@dataclass(frozen=True)
+class StepFlags:
+    """What all ranks agreed on after a step."""
+
+    nonfinite: bool
+    """Some rank's loss, or the gradient norm, was NaN or Inf: skip or stop, all together."""
+    stop: bool
+    """Some rank was asked to stop: checkpoint and stop after this step."""
+    requeue: bool
+    """...and to be requeued (SIGUSR2)."""
+    checkpoint: bool
+    """Rank 0's clock says a time-based checkpoint is due."""
+
+
+def step_flags(*, loss_sum: torch.Tensor, grads_finite: torch.Tensor | None = None,
+               preemption: PreemptionFlag | None = None, checkpoint_due: bool = False, all_reduce) -> StepFlags:
+    """The flags of every rank, agreed with one all-reduce (MAX) of four numbers: the step's one host sync."""
+    finite = torch.isfinite(loss_sum) if grads_finite is None else torch.isfinite(loss_sum) & grads_finite
+    local = [float(bool(preemption and preemption.requested)), float(bool(preemption and preemption.requeue)),
+             float(checkpoint_due)]
+    flags = torch.cat([(~finite).float().reshape(1), torch.tensor(local, device=loss_sum.device)])
+    nonfinite, stop, requeue, checkpoint = all_reduce(flags, torch.distributed.ReduceOp.MAX).tolist()
+    return StepFlags(nonfinite=bool(nonfinite), stop=bool(stop), requeue=bool(requeue), checkpoint=bool(checkpoint))

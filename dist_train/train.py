@@ -38,7 +38,7 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
     """Build every part of the run from ``cfg``, the Trainer once from them, resume if asked, and train."""
     from dist_train.checkpoint import Checkpointer
     from dist_train.data.reader import load_manifest
-    from dist_train.distributed import barrier, seed_everything
+    from dist_train.distributed import barrier, broadcast_object, seed_everything
     from dist_train.trainer import Trainer
 
     check(cfg, world_size=info.world_size)  # also for callers that skip run()
@@ -46,8 +46,9 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
     manifest = load_manifest(cfg.data.shards, cfg.data.shard_url)
     run_dir = Path(cfg.train.run_dir)
     checkpointer = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
-                                rank=info.rank, world_size=info.world_size, barrier=partial(barrier, info))
-    latest = checkpointer.latest_valid() if cfg.checkpoint.resume else None
+                                rank=info.rank, world_size=info.world_size, barrier=partial(barrier, info),
+                                broadcast=partial(broadcast_object, info))
+    latest = checkpointer.choose_resume() if cfg.checkpoint.resume else None  # rank 0 decides for all
     precision = _precision(cfg, info, recorded=Checkpointer.run_facts(latest).get("precision"))
     parts = _parts(cfg, info, manifest, precision=precision, checkpointer=checkpointer)
     # Tracking starts once everything is built, so a run that cannot start leaves no MLflow run behind;
@@ -56,7 +57,8 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
     tracker = _start_tracking(cfg, info, run_dir, run_id, precision=precision)
     parts = replace(parts, tracker=tracker, logged_through_step=tracker.last_logged_step() if run_id else 0)
     trainer = Trainer(cfg.train, parts, max_bad_sample_fraction=cfg.data.max_bad_sample_fraction,
-                      checkpoint_every_steps=cfg.checkpoint.every_steps)
+                      checkpoint_every_steps=cfg.checkpoint.every_steps,
+                      checkpoint_every_minutes=cfg.checkpoint.every_minutes)
     return _fit_and_report(trainer, info, run_dir, resume_from=latest,
                            log_model=cfg.tracking.enabled and cfg.tracking.log_model)
 

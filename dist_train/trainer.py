@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from dist_train.backends import Backend, HoldsSlowWeights, MeasuresNoiseScale
+from dist_train.checkpoint import CheckpointError
 from dist_train.config import TrainConfig
-from dist_train.faults import NonFiniteLoss, Preempted, PreemptionFlag, step_flags
+from dist_train.faults import NonFiniteLoss, Preempted, PreemptionFlag, StepFlags, step_flags
 from dist_train.parts import Stateful, TrainerParts
 from dist_train.schedule import ScheduleState
 
@@ -74,7 +75,7 @@ class TorchRNG:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, parts: TrainerParts, *, max_bad_sample_fraction: float,
-                 checkpoint_every_steps: int = 0):
+                 checkpoint_every_steps: int = 0, checkpoint_every_minutes: float = 0.0):
         self.cfg = cfg
         self.parts = parts
         self.backend = parts.backend
@@ -87,6 +88,8 @@ class Trainer:
         self.dataset_size = parts.dataset_size
         self.max_bad_sample_fraction = max_bad_sample_fraction
         self.checkpoint_every_steps = checkpoint_every_steps
+        self.checkpoint_every_minutes = checkpoint_every_minutes
+        self._last_checkpoint_time = time.monotonic()
         self.progress = Progress()
         self.states: dict[str, Stateful] = {"progress": self.progress, "torch_rng": TorchRNG(),
                                             "data": parts.train_data}
@@ -112,6 +115,7 @@ class Trainer:
         path = self.checkpointer.save(step=self.progress.step, states=self.states,
                                       save_backend=self._save_backend_files,
                                       run={"precision": self.backend.precision})
+        self._last_checkpoint_time = time.monotonic()
         # The steps at which checkpoints exist, beside the metrics (the directory is the checkpoint.dir param).
         if self.progress.step > self.parts.logged_through_step:
             self.tracker.log_metrics({"checkpoint/step": float(self.progress.step)}, step=self.progress.step)
@@ -123,9 +127,16 @@ class Trainer:
             self.backend.save_slow_weights(directory)
 
     def load_checkpoint(self, path: Path) -> None:
-        self.checkpointer.load_states(path, self.states)  # checks the world size first
+        """Restore every state from checkpoint ``path``; one of another world size if the backend allows it
+        (the data position is then re-dealt to this run's ranks: docs/data.md)."""
+        self.checkpointer.load_states(path, self.states, elastic=self.backend.resumes_at_any_world_size)
         self.backend.load_from(path)
         self._stream = None  # re-created at the restored data position on next use
+        # The batch a restored controller chose must divide over this run's ranks (elastic resume).
+        try:
+            self.backend.set_global_batch_size(self._schedule_state().global_batch_size)
+        except ValueError as err:
+            raise CheckpointError(f"cannot resume {path} on {self.backend.info.world_size} ranks: {err}") from None
 
     def collect_train_metrics(self) -> dict[str, float]:
         """Collective: the training metrics summed on the device since the last call, reduced over ranks
@@ -158,12 +169,13 @@ class Trainer:
             with PreemptionFlag() as preemption:
                 while not self._done():
                     state = self._schedule_state()
-                    preempt = self.train_step(state, preemption=preemption)
-                    self._after_step(state)
-                    if preempt:
-                        path = self.save_checkpoint()
+                    flags = self.train_step(state, preemption=preemption)
+                    self._after_step(state, checkpoint_now=flags.checkpoint, stopping=flags.stop)
+                    if flags.stop:
+                        path = self.save_checkpoint()  # collective: every rank has written its part
                         raise Preempted(f"stopped at step {self.progress.step} on a preemption signal; "
-                                        f"checkpoint {path}; run the same command again to continue")
+                                        f"checkpoint {path}; run the same command again to continue",
+                                        requeue=flags.requeue)
         finally:
             if self._bar is not None:
                 self._bar.close()
@@ -175,8 +187,9 @@ class Trainer:
         return {**last_eval, "step": self.progress.step, "samples_seen": self.progress.samples_seen,
                 "epoch": self._epoch(), "skipped_steps": self.progress.skipped_steps}
 
-    def _after_step(self, state: ScheduleState) -> None:
-        """Batch-size decision, logging, evaluation and checkpoints due after a step."""
+    def _after_step(self, state: ScheduleState, *, checkpoint_now: bool = False, stopping: bool = False) -> None:
+        """Batch-size decision, logging, evaluation and checkpoints due after a step (``checkpoint_now``: the
+        time-based one rank 0 called for; ``stopping``: the caller saves the checkpoint itself)."""
         if self.batch_controller is not None and self.noise is not None:  # adaptive mode needs both
             self.batch_controller.update(step=self.progress.step, b_simple=self.noise.b_simple)
         if self.progress.step % self.cfg.log_every_steps == 0 or self._done():
@@ -192,7 +205,7 @@ class Trainer:
         if self.cfg.eval_every_epochs and self._epoch() >= self._next_eval and not self._done():
             self.evaluate()
             self._next_eval = self._next_eval_epoch()
-        if self._checkpoint_due():
+        if (checkpoint_now or self._checkpoint_due()) and not (self._done() or stopping):
             self.save_checkpoint()
 
     def _schedule_state(self) -> ScheduleState:
@@ -201,10 +214,10 @@ class Trainer:
         return self.schedule.state_at(self.progress.samples_seen,
                                       global_batch_size=self.batch_controller.global_batch_size)
 
-    def train_step(self, state: ScheduleState, *, preemption: PreemptionFlag | None = None) -> bool:
+    def train_step(self, state: ScheduleState, *, preemption: PreemptionFlag | None = None) -> StepFlags:
         """One optimizer step at the schedule's ``state``: exactly ``state.global_batch_size`` samples.
 
-        Returns whether any rank asked to stop (preemption), agreed across ranks."""
+        Returns what every rank agreed on after it: skip (non-finite), stop, requeue, checkpoint."""
         backend = self.backend
         accum_steps = backend.set_global_batch_size(state.global_batch_size)
         self.parts.set_hyperparams(backend.optimizer, lr=state.lr, momentum=state.momentum)
@@ -225,27 +238,28 @@ class Trainer:
             measurement = self._noise_probe.noise_measurement()
             if measurement is not None:
                 self.noise.update(measurement)
-        # One small all-reduce (and host sync) per step: every rank must skip, stop or go on together.
-        # Read the flag now, not when the step began: a signal during the step stops after it.
-        nonfinite, preempt = step_flags(loss_sum=step_loss,
-                                        preempt_requested=bool(preemption and preemption.requested),
-                                        all_reduce=backend.all_reduce)
-        if nonfinite:
+        # One small all-reduce (and host sync) per step: every rank must skip, stop or go on together. The
+        # gradients are checked first, so that a finite loss with non-finite gradients is caught too.
+        # Read the signal flag now, not when the step began: a signal during the step stops after it.
+        flags = step_flags(loss_sum=step_loss, grads_finite=backend.grads_finite(), preemption=preemption,
+                           checkpoint_due=self._minutes_checkpoint_due(), all_reduce=backend.all_reduce)
+        if flags.nonfinite:
             self._on_nonfinite_loss()
         else:
             self._window.grad_norm = backend.optimizer_step(grad_clip_norm=self.cfg.grad_clip_norm)
         self.progress.step += 1
         self.progress.samples_seen += state.global_batch_size
-        return preempt
+        return flags
 
     def _on_nonfinite_loss(self) -> None:
         if self.cfg.nonfinite_loss == "stop":
             raise NonFiniteLoss(
-                f"the loss was NaN or Inf at step {self.progress.step + 1}; the last good checkpoint is kept. "
+                f"the loss or the gradient norm was NaN or Inf at step {self.progress.step + 1}; the last good "
+                f"checkpoint is kept. "
                 f"Lower optim.lr, set train.grad_clip_norm, or set train.nonfinite_loss=skip to skip such steps")
         self.backend.discard_gradients()
         self.progress.skipped_steps += 1
-        log.warning("non-finite loss at step %d: update skipped (%d so far)", self.progress.step + 1,
+        log.warning("non-finite loss or gradients at step %d: update skipped (%d so far)", self.progress.step + 1,
                     self.progress.skipped_steps)
 
     def _epoch(self) -> float:
@@ -257,7 +271,12 @@ class Trainer:
 
     def _checkpoint_due(self) -> bool:
         every = self.checkpoint_every_steps
-        return bool(every) and self.progress.step % every == 0 and not self._done()
+        return bool(every) and self.progress.step % every == 0
+
+    def _minutes_checkpoint_due(self) -> bool:
+        """Rank 0's view (the others' clocks are not asked): a time-based checkpoint is due."""
+        every = self.checkpoint_every_minutes
+        return bool(every) and self.backend.is_main and time.monotonic() - self._last_checkpoint_time >= every * 60
 
     # --- metrics -----------------------------------------------------------------------------
     def _log_train(self, state: ScheduleState, samples_per_s: float) -> dict[str, float]:

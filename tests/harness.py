@@ -15,7 +15,7 @@ from torch import nn
 from dist_train.backends import build_backend
 from dist_train.checkpoint import Checkpointer
 from dist_train.config import TrainConfig
-from dist_train.distributed import DistInfo
+from dist_train.distributed import DistInfo, broadcast_object
 from dist_train.optim import build_optimizer, set_hyperparams
 from dist_train.optim.config import OptimConfig
 from dist_train.parts import TrainerParts
@@ -46,7 +46,8 @@ def rank_stream(batches: list[dict], *, rank: int, world_size: int, micro: int) 
 
 
 class ListStream:
-    """``rank_stream`` as a ``Stateful`` data stream: its position is the micro-batches this rank has drawn."""
+    """``rank_stream`` as a ``Stateful`` data stream. Its position is the samples all ranks have drawn, which
+    means the same at any world size: a run resumed on other ranks continues with the next global batch."""
 
     def __init__(self, batches: list[dict], *, rank: int, world_size: int, micro: int):
         self.batches, self.rank, self.world_size, self.micro = batches, rank, world_size, micro
@@ -61,10 +62,12 @@ class ListStream:
             yield batch
 
     def state_dict(self) -> dict:
-        return {"drawn": self.drawn}
+        return {"samples": self.drawn * self.world_size * self.micro}
 
     def load_state_dict(self, state: dict) -> None:
-        self.drawn = int(state["drawn"])
+        per_round = self.world_size * self.micro
+        assert int(state["samples"]) % per_round == 0, "the saved position must fall on a whole micro-batch round"
+        self.drawn = int(state["samples"]) // per_round
 
 
 class ListSchedule:
@@ -100,7 +103,7 @@ def make_trainer(rank: int, world_size: int, *, batches: list[dict], micro: int,
         eval_loader_fn=lambda: iter(()), normalise=Normalise((0.5,), (0.25,), device=info.device, channels_last=False),
         dataset_size=sum(sizes), noise=noise, batch_controller=batch_controller,
         checkpointer=Checkpointer(run_dir or "/nonexistent", keep_last=2, rank=rank, world_size=world_size,
-                                  barrier=backend.barrier))
+                                  barrier=backend.barrier, broadcast=lambda obj: broadcast_object(info, obj)))
     return Trainer(cfg, parts, max_bad_sample_fraction=0.5, checkpoint_every_steps=checkpoint_every_steps)
 
 

@@ -135,6 +135,27 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_completes_exactly(sm
     assert _losses(uri, run_dir) == reference[2]
 
 
+def _minutes_checkpoints(rank, world_size, run_dir):
+    import time as clock
+
+    trainer = make_trainer(rank, world_size, batches=global_batches(6, 16), micro=8, run_dir=run_dir,
+                           optim=OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=0.0))
+    # Only rank 0's clock counts: here it says "due" at every step, rank 1's never would. If each rank
+    # decided for itself, rank 0 would enter the collective save alone and the test would time out.
+    trainer.checkpoint_every_minutes = 1e-6 if rank == 0 else 1e6
+    saves = []
+    save = trainer.checkpointer.save
+    trainer.checkpointer.save = lambda **kw: saves.append(kw["step"]) or save(**kw)
+    trainer._last_checkpoint_time = clock.monotonic() - 1  # due from the first step
+    trainer.fit()
+    return saves
+
+
+def test_time_based_checkpoints_follow_rank_0s_clock_on_every_rank(tmp_path):
+    saves = run_ranks(_minutes_checkpoints, str(tmp_path), world_size=2, timeout_s=240)
+    assert saves[0] == saves[1] == [1, 2, 3, 4, 5, 6]  # steps 1-5 on time, 6 at the end of the run
+
+
 class _NaNAtCall(nn.Module):
     """The harness's tiny net, whose output is NaN on one forward call."""
 
@@ -150,13 +171,32 @@ class _NaNAtCall(nn.Module):
         return out * float("nan") if self.calls == self.nan_call else out
 
 
-def _nan_run(rank, world_size, policy):
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward; its backward turns the gradient into NaN: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class _NaNGradAtCall(_NaNAtCall):
+    def forward(self, x):
+        self.calls += 1
+        out = self.net(x)
+        return _NaNGradient.apply(out) if self.calls == self.nan_call else out
+
+
+def _nan_run(rank, world_size, policy, model=_NaNAtCall, backend="ddp"):
     from dist_train.config import TrainConfig
 
     sgd = OptimConfig(name="sgd", lr=0.05, momentum=0.9, weight_decay=0.0)
     # Only rank 1 sees the NaN (its 2nd forward: step 2, one micro-step per step): both ranks must skip or stop together.
-    trainer = make_trainer(rank, world_size, batches=global_batches(4, 16), micro=8, optim=sgd,
-                           model_fn=lambda: _NaNAtCall(2 if rank == 1 else -1))
+    trainer = make_trainer(rank, world_size, batches=global_batches(4, 16), micro=8, optim=sgd, backend=backend,
+                           model_fn=lambda: model(2 if rank == 1 else -1))
     trainer.cfg = TrainConfig(**{**trainer.cfg.__dict__, "nonfinite_loss": policy})
     before = [p.detach().clone() for p in trainer.backend.module.parameters()]
     try:
@@ -181,3 +221,14 @@ def test_nan_loss_stops_with_a_clear_message_on_both_ranks():
     outs = run_ranks(_nan_run, "stop", world_size=2)
     for status, message in outs:
         assert status == "stopped" and "NaN or Inf at step 2" in message and "train.nonfinite_loss=skip" in message
+
+
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed"])
+def test_nan_gradients_under_a_finite_loss_on_one_rank_are_skipped_by_both_ranks(backend):
+    # The loss is finite on both ranks; only rank 1's backward yields NaN. After the all-reduce every rank's
+    # gradient is NaN, and stepping it would put NaN into every weight.
+    outs = run_ranks(_nan_run, "skip", _NaNGradAtCall, backend, world_size=2, timeout_s=300)
+    assert outs == [(1, True), (1, True)]
+    stopped = run_ranks(_nan_run, "stop", _NaNGradAtCall, "ddp", world_size=2)
+    assert all(status == "stopped" and "gradient norm was NaN or Inf at step 2" in message
+               for status, message in stopped)

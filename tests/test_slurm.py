@@ -9,6 +9,7 @@ training, set ``ENTRY = None`` (``dist_train.train.run``) and assert on the retu
 from __future__ import annotations
 
 import io
+import re
 import time
 from pathlib import Path
 
@@ -197,18 +198,48 @@ def test_two_task_training_job_completes_and_is_tracked(slurm_cluster, small_sha
     assert run.data.params["world_size"] == "2" and "eval/acc1" in run.data.metrics
 
 
-@pytest.mark.slurm
-def test_preempted_training_job_requeues_resumes_and_logs_each_step_once(slurm_cluster, small_shards, tmp_path):
-    handles = _submit_training(slurm_cluster, small_shards, tmp_path, max_steps=40, every=4)
-    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000008"
-    deadline = time.monotonic() + 240
-    while not checkpoint.is_dir():
-        assert time.monotonic() < deadline and not handles[0].done(), f"no checkpoint:\n{handles[0].stderr()}"
+def _wait_for_logged_step(tmp_path, handle, step, *, timeout_s=240):
+    """The last training step in MLflow, once it is at least ``step``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert time.monotonic() < deadline and not handle.done(), f"no step {step} logged:\n{handle.stderr()}"
+        try:
+            steps, _ = _logged_steps(tmp_path)
+        except Exception:  # the run id file or the store not there yet
+            steps = []
+        if steps and steps[-1] >= step:
+            return steps[-1]
         time.sleep(0.2)
-    slurm_cluster.cli("scancel", "--signal=USR2", handles[0].job_id)
+
+
+def _resumed_at(handle) -> int:
+    logs = handle.paths.stderr.read_text()
+    found = re.findall(r"resumed from \S+ at step (\d+)", logs)
+    assert len(found) == 1, logs[-3000:]
+    return int(found[0])
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("how", ["usr2", "scontrol-requeue"])
+def test_a_preempted_training_job_without_periodic_checkpoints_resumes_within_one_step(slurm_cluster, small_shards,
+                                                                                    tmp_path, how):
+    # USR2: what SLURM sends before the time limit (--signal) and on preemption with send_user_signal;
+    # submitit's handler requeues, after our checkpoint. `scontrol requeue` (and SLURM's own preemption
+    # requeue) sends SIGTERM: we checkpoint and stop, and SLURM requeues by itself.
+    handles = _submit_training(slurm_cluster, small_shards, tmp_path, max_steps=40, every=0)
+    signalled_after = _wait_for_logged_step(tmp_path, handles[0], 10)
+    if how == "usr2":
+        slurm_cluster.cli("scancel", "--signal=USR2", handles[0].job_id)
+    else:
+        slurm_cluster.cli("scontrol", "requeue", handles[0].job_id)
     summaries = _results(handles[0], slurm_cluster, timeout_s=400)
     assert [s["step"] for s in summaries] == [40, 40]
+    # The checkpoint was written after the step in flight when the signal came: nothing before it is redone.
+    resumed_at = _resumed_at(handles[0])
+    print(f"{how}: signalled after step {signalled_after} was logged; resumed at step {resumed_at}")
+    assert signalled_after <= resumed_at <= signalled_after + 2
     steps, run = _logged_steps(tmp_path)
     assert steps == list(range(1, 41)) and run.info.status == "FINISHED"  # every step once, one run
-    logs = handles[0].paths.stderr.read_text()
-    assert "resumed from" in logs, logs[-3000:]
+    if how == "usr2":  # submitit requeued once, from rank 0, after every rank had saved
+        logs = handles[0].paths.stdout.read_text() + handles[0].paths.stderr.read_text()
+        assert logs.count("Calling checkpoint method") == 1, logs[-3000:]

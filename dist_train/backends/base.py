@@ -30,6 +30,9 @@ class Backend(abc.ABC):
     precision: str = "fp32"
     """The numerics it trains in, ``fp32``, ``bf16`` or ``fp16`` (resolved: never ``auto``); checkpoints record it."""
 
+    resumes_at_any_world_size: bool = False
+    """Whether ``load_from`` takes a checkpoint written by another number of ranks (elastic resume)."""
+
     def __init__(self, info: DistInfo, *, micro_batch_size: int):
         self.info = info
         self.micro_batch_size = micro_batch_size
@@ -79,6 +82,12 @@ class Backend(abc.ABC):
     def discard_gradients(self) -> None:
         """Drop this step's gradients without updating (a skipped non-finite step)."""
         self.optimizer.zero_grad(set_to_none=True)
+
+    @abc.abstractmethod
+    def grads_finite(self) -> torch.Tensor:
+        """Whether this step's synced gradients are all finite: a 0-dim bool tensor on the device, the same on
+        every rank (collective where the gradients are sharded). Asked before ``optimizer_step``, so that a
+        finite loss with non-finite gradients is skipped or stopped like a non-finite loss."""
 
     @abc.abstractmethod
     def optimizer_step(self, *, grad_clip_norm: float = 0.0) -> torch.Tensor:

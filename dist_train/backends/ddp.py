@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from dist_train.backends.base import Backend, OptimizerFactory
+from dist_train.backends.base import BACKEND_FILE, Backend, OptimizerFactory
 from dist_train.backends.capabilities import LookaheadSlowWeights
+from dist_train.checkpoint import save_tensor_file
 from dist_train.noise_scale import AccumulationNoiseScaleProbe, DDPNoiseScaleProbe, NoiseMeasurement
 
 
 class DDPBackend(LookaheadSlowWeights, Backend):
+    # backend.pt holds the model and the consolidated (unsharded) optimizer state: any world size loads it.
+    resumes_at_any_world_size = True
     """DDP, or a plain module in one process; measures the noise scale and holds Lookahead's slow weights."""
 
     def __init__(self, info, *, micro_batch_size: int, precision: str = "fp32"):
@@ -38,6 +42,7 @@ class DDPBackend(LookaheadSlowWeights, Backend):
             self._model = self._module
         self._optimizer = make_optimizer(self._module)
         self._probe: Any = None
+        self._grad_norm: torch.Tensor | None = None  # taken by grads_finite(), reused by optimizer_step()
 
     @property
     def model(self) -> nn.Module:
@@ -78,17 +83,42 @@ class DDPBackend(LookaheadSlowWeights, Backend):
             return self._probe.measure(micro_batch_size=self.micro_batch_size)
         return None
 
+    def grads_finite(self) -> torch.Tensor:
+        # Gradients are identical on every rank after the all-reduce, so is this norm; the step reuses it.
+        self._grad_norm = torch.nn.utils.get_total_norm(self._grads(), foreach=True)
+        return torch.isfinite(self._grad_norm)
+
     def optimizer_step(self, *, grad_clip_norm: float = 0.0) -> torch.Tensor:
-        params = [p for p in self._module.parameters() if p.grad is not None]
-        # Gradients are identical on every rank after the all-reduce, so is this norm.
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip_norm if grad_clip_norm > 0 else float("inf"),
-                                              foreach=True)
+        norm = self._grad_norm if self._grad_norm is not None else torch.nn.utils.get_total_norm(self._grads(),
+                                                                                                foreach=True)
+        if grad_clip_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_([p for p in self._module.parameters() if p.grad is not None],
+                                                 grad_clip_norm, norm, foreach=True)
         self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
+        self.discard_gradients()
         return norm.detach()
+
+    def discard_gradients(self) -> None:
+        self._optimizer.zero_grad(set_to_none=True)
+        self._grad_norm = None
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [p.grad for p in self._module.parameters() if p.grad is not None]
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self._module.state_dict(), "optimizer": self._optimizer.state_dict()}
+
+    def save_to(self, directory: Path) -> None:
+        """Collective: rank 0 writes the model and the consolidated optimizer state; a sharded optimizer
+        gathers its state to rank 0 only, so the other ranks never hold more than their shard."""
+        from dist_train.optim.sharded import ShardedOptimizer
+
+        if isinstance(self._optimizer, ShardedOptimizer):
+            optimizer = self._optimizer.consolidated_state_dict(dst=0)
+        else:
+            optimizer = self._optimizer.state_dict()
+        if self.is_main:
+            save_tensor_file({"model": self._module.state_dict(), "optimizer": optimizer}, directory / BACKEND_FILE)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._module.load_state_dict(state["model"], strict=True)

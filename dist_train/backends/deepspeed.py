@@ -210,6 +210,13 @@ class DeepSpeedBackend(LookaheadSlowWeights, Backend):
         # None if a JSON override turned zero_optimization.compute_grad_norm off.
         return torch.as_tensor(math.nan if norm is None else norm, dtype=torch.float32).detach()
 
+    def grads_finite(self) -> torch.Tensor:
+        # ZeRO's own norm of the reduced partitions (a collective), before the step; DeepSpeed takes it again
+        # inside step() for clipping: one more scalar all-reduce per step.
+        if self._steps_module_directly():
+            return torch.isfinite(self._replicated_grad_norm())
+        return torch.isfinite(torch.as_tensor(self._engine.optimizer.scaled_global_norm()))
+
     def _steps_module_directly(self) -> bool:
         """ZeRO-0 in fp32: DeepSpeed steps our optimizer on the module's parameters and records no norm."""
         return self._engine.optimizer is self._client_optimizer

@@ -172,14 +172,18 @@ class CheckpointConfig:
     """Directory for checkpoints; empty means ``<train.run_dir>/checkpoints``."""
     every_steps: int = 0
     """Save every this many optimizer steps, and always at the end; 0 saves only at the end."""
+    every_minutes: float = 0.0
+    """Also save when this many minutes have passed since the last checkpoint (steps grow longer as the batch
+    grows; minutes bound the work a crash loses). Rank 0's clock decides; 0 turns it off."""
     resume: bool = True
     """Resume from the latest checkpoint in ``dir`` when one exists."""
     keep_last: int = 3
     """Keep this many most recent checkpoints."""
 
     def __post_init__(self) -> None:
-        if self.every_steps < 0 or self.keep_last < 1:
-            raise ValueError("checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
+        if self.every_steps < 0 or self.every_minutes < 0 or self.keep_last < 1:
+            raise ValueError("checkpoint.every_steps and checkpoint.every_minutes must be >= 0 and "
+                             "checkpoint.keep_last >= 1")
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,12 @@
 
 Each task runs ``TrainJob``: it exports the variables ``torch.distributed`` reads (RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) and calls ``dist_train.train.run``. On preemption or
-time-out SLURM sends SIGUSR2 ahead of the kill; submitit's handler in rank 0 then calls
-``TrainJob.checkpoint()`` and requeues the job with what it returns: the same config and
-overrides, plus ``checkpoint.resume=true``. The requeued job therefore continues from the latest
-checkpoint in its run dir, and the trainer continues the MLflow run whose id it stored there.
-Work since the last checkpoint is lost, so set ``checkpoint.every_steps`` to bound it. How a
-requeue is kept from looking like a failure is in ``preemption.py``.
+time-out SLURM sends SIGUSR2 ahead of the kill. The trainer finishes its step and every rank writes
+the checkpoint; then submitit's handler in rank 0 calls ``TrainJob.checkpoint()`` and requeues the
+job with what it returns: the same config and overrides, plus ``checkpoint.resume=true``. The
+requeued job continues from that checkpoint, and the trainer continues the MLflow run whose id it
+stored in the run dir. At most the step in flight is redone. The order of these events, and how a
+requeue is kept from looking like a failure, is in ``preemption.py``.
 
 submitit is imported inside the functions that need it, so ``import dist_train`` stays light.
 """
@@ -56,11 +56,17 @@ class TrainJob:
         # cuda:LOCAL_RANK among them, as under torchrun.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         guard = PreemptionGuard.install(getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG))
+        from dist_train.faults import Preempted
         from dist_train.train import run
 
         entry = self.entry or run
         try:
             return entry(self.config_path, list(self.overrides))
+        except Preempted as err:  # every rank has written the checkpoint
+            if err.requeue:
+                guard.requeue()  # rank 0: submitit checkpoint() and scontrol requeue
+            guard.leave_without_result(err)
+            raise  # unreachable: leave_without_result exits
         except Exception as err:
             # submitit's own "not requeued" errors are real outcomes; anything else after the signal
             # is the ranks coming apart during the requeue.

@@ -107,6 +107,7 @@ class ShardedOptimizer(Optimizer):
         super().__init__(param_groups, defaults={})
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
+        self.rank = dist.get_rank(process_group)
         params = self._params()
         self._check_params(params)
         self._numels = [p.numel() for p in params]
@@ -167,22 +168,42 @@ class ShardedOptimizer(Optimizer):
     def _gather_params(self, params: list[torch.Tensor]) -> None:
         """Every rank's updated shard reaches every rank."""
         flat = self._all_gather_flat(self._views, dtype=params[0].dtype, device=params[0].device)
+        assert flat is not None  # gathered to every rank
         targets = [_flat(p.detach(), view=True) for p in params]
         torch._foreach_copy_(targets, list(flat.split(self._numels)))
 
-    def _all_gather_flat(self, parts: list[torch.Tensor], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Concatenate this rank's ``parts`` (one per piece, in order) into its shard and all-gather the shards:
-        the result is the flat vector of all parameters' elements (or of one state entry)."""
+    def _all_gather_flat(self, parts: list[torch.Tensor], *, dtype: torch.dtype, device: torch.device,
+                         dst: int | None = None) -> torch.Tensor | None:
+        """Concatenate this rank's ``parts`` (one per piece, in order) into its shard and gather the shards, to
+        every rank (``dst`` None) or to rank ``dst`` only (others get None): the flat vector of all parameters'
+        elements (or of one state entry)."""
         send = torch.zeros(self._shard_numel, dtype=dtype, device=device)
         if parts:
             owned = sum(pc.stop - pc.start for pc in self._pieces)
             torch.cat(parts, out=send[:owned])
+        if dst is not None and self.rank != dst:
+            dist.gather(send, None, dst=self._global_rank(dst), group=self.process_group)
+            return None
         recv = torch.empty(self.world_size * self._shard_numel, dtype=dtype, device=device)
-        dist.all_gather(list(recv.chunk(self.world_size)), send, group=self.process_group)
+        if dst is None:
+            dist.all_gather(list(recv.chunk(self.world_size)), send, group=self.process_group)
+        else:
+            dist.gather(send, list(recv.chunk(self.world_size)), dst=self._global_rank(dst), group=self.process_group)
         return recv[:self._offsets[-1]]
+
+    def _global_rank(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.process_group, group_rank) if self.process_group is not None else group_rank
 
     def state_dict(self) -> dict[str, Any]:
         """The unsharded optimizer's state dict, identical on every rank (collective)."""
+        state = self.consolidated_state_dict(dst=None)
+        assert state is not None
+        return state
+
+    def consolidated_state_dict(self, *, dst: int | None = 0) -> dict[str, Any] | None:
+        """The unsharded optimizer's state dict on rank ``dst`` only (None elsewhere), or on every rank for ``dst``
+        None (collective). Gathering to one rank keeps the other ranks' memory at one shard: what a checkpoint
+        of a large model needs."""
         self._pull_hyperparams()
         params = self._params()
         layout = self._gather_state_layout()
@@ -192,12 +213,16 @@ class ShardedOptimizer(Optimizer):
             dtype = getattr(torch, dtype_name.removeprefix("torch."))
             parts = [self.local.state[v][key] if key in self.local.state.get(v, {})
                      else torch.zeros_like(v, dtype=dtype) for v in self._views]
-            flat = self._all_gather_flat(parts, dtype=dtype, device=params[0].device)
+            flat = self._all_gather_flat(parts, dtype=dtype, device=params[0].device, dst=dst)
+            if flat is None:
+                continue
             for i, (tensors, _) in layout.items():
                 if key in tensors:
                     out = torch.empty_like(params[i], dtype=dtype)
                     _flat(out, view=True).copy_(flat[self._offsets[i]:self._offsets[i + 1]])
                     state[i][key] = out
+        if dst is not None and self.rank != dst:
+            return None
         groups, start = [], 0
         for group in self.param_groups:
             groups.append({**_hyperparams(group), "params": list(range(start, start + len(group["params"])))})

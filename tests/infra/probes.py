@@ -42,9 +42,9 @@ def hold_until_requeued(config_path: str | None, overrides: list[str]) -> dict:
     """Behave like a trainer that checkpoints into ``train.run_dir`` and resumes from it.
 
     The first attempt writes its "checkpoint", starts a forked helper (as DataLoader workers are)
-    and all-reduces in a loop for up to two minutes, long enough to be preempted. When rank 0
-    leaves for the requeue, the other rank's all-reduce fails, as a real collective would. An
-    attempt that finds the checkpoint returns at once.
+    and, like the trainer's steps, all-reduces the ranks' preemption flags in a loop for up to two
+    minutes, long enough to be preempted. When a signal has come, every rank raises ``Preempted``
+    together, after which rank 0 requeues. An attempt that finds the checkpoint returns at once.
     """
     import multiprocessing
 
@@ -58,16 +58,31 @@ def hold_until_requeued(config_path: str | None, overrides: list[str]) -> dict:
     if checkpoint.exists():
         return {**result, "resumed": True}
     dist.init_process_group("gloo")
-    helper = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,), daemon=True)
+    helper = multiprocessing.get_context("fork").Process(target=_helper, args=(os.getpid(),), daemon=True)
     helper.start()
     if result["rank"] == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_text(os.environ.get("SLURM_JOB_ID", "local"))
+    from dist_train.faults import Preempted, PreemptionFlag
+
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        dist.all_reduce(torch.zeros(1))
-        time.sleep(0.1)
+    with PreemptionFlag() as preemption:
+        while time.monotonic() < deadline:
+            flags = torch.tensor([float(preemption.requested), float(preemption.requeue)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            if flags[0]:
+                dist.barrier()  # as the trainer's checkpoint does: every rank is done before the requeue
+                raise Preempted("the probe was signalled", requeue=bool(flags[1]))
+            time.sleep(0.1)
     return {**result, "resumed": False}
+
+
+def _helper(parent_pid: int) -> None:
+    """A forked child that, like a DataLoader worker, dies with its rank (else SLURM waits KillWait for it)."""
+    from dist_train.data.loader import _die_with_parent
+
+    _die_with_parent(parent_pid)
+    time.sleep(120)
 
 
 def diverge(config_path: str | None, overrides: list[str]) -> dict:

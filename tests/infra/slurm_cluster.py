@@ -175,7 +175,7 @@ class SlurmCluster:
             f"AccountingStoragePort={self.ports['slurmdbd']}",
             # The slurmctld <-> slurmdbd link ignores AuthInfo; it reads the munge socket from here.
             f"AccountingStoragePass={self.munge_socket}",
-            "JobRequeue=1", "MinJobAge=2", "KillWait=2", "ReturnToService=2", "MailProg=/bin/true",
+            "JobRequeue=1", "MinJobAge=2", "KillWait=60", "ReturnToService=2", "MailProg=/bin/true",
             f"NodeName={self.hostname} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={memory_mb} State=UNKNOWN",
             f"PartitionName={self.partition} Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP",
         ]

@@ -117,6 +117,8 @@ def _sharded_rank(rank: int, world_size: int, reference_checkpoints: bytes) -> b
         assert isinstance(opt, ShardedOptimizer)
         _train(model, ddp, opt, cfg, range(CHECKPOINT_STEP), rank=rank, world_size=world_size)
         checkpoint = _from_bytes(_to_bytes({"model": model.state_dict(), "optim": opt.state_dict()}))  # collective
+        to_rank_0 = opt.consolidated_state_dict(dst=0)  # collective: gathered to rank 0 only
+        checkpoint["to_rank_0"] = None if to_rank_0 is None else _from_bytes(_to_bytes(to_rank_0))
         _train(model, ddp, opt, cfg, range(CHECKPOINT_STEP, STEPS), rank=rank, world_size=world_size)
         with slow_weights(opt):  # collective
             slow = _params(model)
@@ -203,6 +205,20 @@ def test_consolidated_state_is_the_unsharded_state(runs, key):
                 torch.testing.assert_close(ours["state"][i][name], value, rtol=1e-5, atol=1e-6)
             else:
                 assert ours["state"][i][name] == value
+
+
+@pytest.mark.parametrize("key", list(CONFIGS))
+def test_state_gathered_to_rank_0_only_is_the_same_state(runs, key):
+    # What a checkpoint saves: rank 0 holds the whole state, rank 1 never more than its shard.
+    _, ranks = runs
+    assert ranks[1][key]["checkpoint"]["to_rank_0"] is None
+    gathered, everywhere = ranks[0][key]["checkpoint"]["to_rank_0"], ranks[0][key]["checkpoint"]["optim"]
+    assert gathered["param_groups"] == everywhere["param_groups"] and gathered["state"].keys() == everywhere["state"].keys()
+    for i, entries in everywhere["state"].items():
+        for name, value in entries.items():
+            same = torch.equal(gathered["state"][i][name], value) if isinstance(value, torch.Tensor) else \
+                gathered["state"][i][name] == value
+            assert same, (i, name)
 
 
 @pytest.mark.parametrize("key", ["radam", "lookahead_radam", "adamw"])

@@ -43,7 +43,8 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
 
     check(cfg, world_size=info.world_size)  # also for callers that skip run()
     seed_everything(cfg.train.seed)
-    manifest = load_manifest(cfg.data.shards, cfg.data.shard_url)
+    manifest = load_manifest(cfg.data.shards, cfg.data.shard_url,
+                             allow_pipe_from_remote_manifest=cfg.data.allow_pipe_from_remote_manifest)
     run_dir = Path(cfg.train.run_dir)
     checkpointer = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                 rank=info.rank, world_size=info.world_size, barrier=partial(barrier, info),

@@ -12,6 +12,7 @@ from conftest import write_fmnist_subset
 from multiproc import run_ranks
 
 from dist_train.config import DataConfig
+from dist_train.data.errors import ShardsNotFound
 from dist_train.data.loader import TrainStream, eval_batches
 from dist_train.data.reader import ShardReadError, load_manifest
 from dist_train.data.shards import MANIFEST_NAME, read_manifest
@@ -224,12 +225,32 @@ def test_a_missing_remote_shard_is_a_clear_error_within_the_retries(small_shards
 
 
 def test_a_missing_local_shard_or_manifest_says_what_to_run(small_shards, tmp_path):
-    from dist_train.data.errors import ShardsNotFound
-
     with pytest.raises(ShardsNotFound, match="make-shards"):
         load_manifest(str(tmp_path / "nothing"))
     with pytest.raises(ShardsNotFound, match="cannot read the shard manifest"):
-        load_manifest(str(tmp_path / "nothing"), f"pipe:cat {tmp_path}/nothing/{{name}}")
+        load_manifest(str(tmp_path / "nothing"), f"pipe:cat {tmp_path}/nothing/{{name}}",
+                      allow_pipe_from_remote_manifest=True)
+
+
+def test_a_shard_name_that_would_run_a_shell_command_is_refused_and_never_runs(small_shards, tmp_path):
+    import json
+
+    owned = tmp_path / "owned"
+    manifest = json.loads((small_shards / MANIFEST_NAME).read_text())
+    manifest["splits"]["train"]["shards"][0]["name"] = f"x.tar; touch {owned}"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / MANIFEST_NAME).write_text(json.dumps(manifest))
+    for url in ("", f"pipe:cat {small_shards}/{{name}}"):  # local paths, and a shell command
+        with pytest.raises(ValueError, match="not plain file names"):
+            _stream(evil, shard_url=url, num_workers=0)
+    # Fetched through the pipe: itself, the manifest is refused before it is read, unless the user trusts the store.
+    with pytest.raises(ShardsNotFound, match="allow_pipe_from_remote_manifest"):
+        load_manifest(str(tmp_path / "no_manifest_here"), f"pipe:cat {evil}/{{name}}")
+    with pytest.raises(ValueError, match="not plain file names"):
+        load_manifest(str(tmp_path / "no_manifest_here"), f"pipe:cat {evil}/{{name}}",
+                      allow_pipe_from_remote_manifest=True)
+    assert not owned.exists()
 
 
 def test_loader_workers_die_with_a_killed_rank():

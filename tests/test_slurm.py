@@ -129,6 +129,17 @@ def test_local_executor_runs_two_ranks_without_slurm(tmp_path):
     assert sorted(int(r["RANK"]) for r in results) == [0, 1] and results[0]["rank_sum"] == 1
 
 
+def test_the_submitit_folder_is_private_and_a_writable_one_is_refused(tmp_path):
+    # Every task unpickles the job file in this folder: whoever can write there runs code as the job's user.
+    made = slurm.private_folder(tmp_path / "mine" / "%j")
+    assert made == tmp_path / "mine" and made.stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o775)
+    with pytest.raises(PermissionError, match="chmod go-w"):
+        slurm.make_executor("local", shared / "%j", slurm.SlurmResources())
+
+
 def test_plan_checks_every_member_before_submitting():
     with pytest.raises(ValueError, match="optim.lrr"):
         slurm.plan_jobs(None, [], members=sweep_members(grid=["optim.lrr=0.1,0.2"]), world_size=1)

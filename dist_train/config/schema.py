@@ -17,6 +17,9 @@ class DataConfig:
     shard_url: str = ""
     """Where the shard files are read from when they are not beside the manifest: a template with ``{name}``,
     e.g. ``https://host/imagenet/{name}`` or ``pipe:aws s3 cp s3://bucket/imagenet/{name} -``."""
+    allow_pipe_from_remote_manifest: bool = False
+    """Allow a ``pipe:`` shard_url to fetch the manifest itself (when ``shards`` holds none). Off: the manifest of a
+    pipe: command must be local, as the command runs in a shell with names taken from it."""
     num_workers: int = 1
     """DataLoader worker processes per rank (decoding and augmentation). Any number works with any number of
     shards: ranks and workers are dealt ranges of samples, not whole shards."""

@@ -56,14 +56,23 @@ def close_quietly(stream: Any) -> None:
         pass
 
 
-def load_manifest(shards: str, shard_url: str = "") -> dict:
+def load_manifest(shards: str, shard_url: str = "", *, allow_pipe_from_remote_manifest: bool = False) -> dict:
     """The manifest of a run's shards (``data.shards``, ``data.shard_url``). Local shards: ``shards/manifest.json``,
     every shard beside it. Remote shards: the local ``manifest.json`` alone if there is one, else the one
-    at ``shard_url`` with ``{name}`` = ``manifest.json``; the shards are not looked for on local disk."""
+    at ``shard_url`` with ``{name}`` = ``manifest.json``; the shards are not looked for on local disk.
+
+    Shard names are checked (``shards.SAFE_SHARD_NAME``) wherever the manifest comes from. A ``pipe:`` template
+    (a shell command) with a manifest fetched through it is refused unless allowed: the store would then decide
+    what runs on every rank."""
     from dist_train.data.shards import MANIFEST_NAME, read_manifest
 
     if not shard_url or (Path(shards) / MANIFEST_NAME).is_file():
         return read_manifest(shards, check_files=not shard_url)
+    if shard_url.startswith("pipe:") and not allow_pipe_from_remote_manifest:
+        raise ShardsNotFound(
+            f"{shards} has no {MANIFEST_NAME}, and data.shard_url is a pipe: command: reading the manifest through it "
+            f"would let the store's manifest decide what the shell runs on every rank. Copy manifest.json into "
+            f"{shards}, or set data.allow_pipe_from_remote_manifest=true if you trust the store")
     return read_remote_manifest(shard_url.format(name=MANIFEST_NAME))
 
 

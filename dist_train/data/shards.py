@@ -22,6 +22,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -195,8 +196,13 @@ def read_manifest(shard_dir: str | os.PathLike, *, check_files: bool = True) -> 
     return manifest
 
 
+SAFE_SHARD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+"""What a shard name may be: it is formatted into paths and URLs, and ``pipe:`` URLs run in a shell."""
+
+
 def parse_manifest(text: str | bytes, *, where: str) -> dict:
-    """A manifest from its JSON text, checked for the version this dist_train reads."""
+    """A manifest from its JSON text, checked for the version this dist_train reads, and for shard names that
+    are data, never code: letters, digits and ``._-``, no ``/`` and no leading ``-`` or ``.``."""
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -205,6 +211,12 @@ def parse_manifest(text: str | bytes, *, where: str) -> dict:
         raise ValueError(
             f"{where} has manifest version {manifest.get('version')!r}, this dist_train reads "
             f"version {MANIFEST_VERSION}; re-create the shards with `dist-train make-shards`")
+    bad = [str(s.get("name"))[:80] for e in manifest.get("splits", {}).values() for s in e.get("shards", [])
+           if not isinstance(s.get("name"), str) or not SAFE_SHARD_NAME.match(s["name"])]
+    if bad:
+        raise ValueError(f"{where} lists shard names that are not plain file names ({bad[:3]}): a name may hold only "
+                         f"letters, digits and ._- and may not start with - or . (names go into paths, URLs and "
+                         f"pipe: shell commands); re-create the shards with `dist-train make-shards`, or fix the manifest")
     return manifest
 
 

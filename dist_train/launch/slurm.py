@@ -152,6 +152,7 @@ def make_executor(kind: Literal["auto", "slurm", "local"], folder: str | Path, r
     submitit = _submitit()
     if kind == "local" and resources.nodes != 1:
         raise ValueError("--executor local runs on this machine only; use --nodes 1")
+    private_folder(folder)
     executor = submitit.AutoExecutor(folder=folder, cluster=None if kind == "auto" else kind,
                                      slurm_max_num_timeout=resources.max_requeues_on_timeout)
     params: dict[str, Any] = dict(name=resources.job_name, timeout_min=resources.time_min, nodes=resources.nodes,
@@ -162,6 +163,21 @@ def make_executor(kind: Literal["auto", "slurm", "local"], folder: str | Path, r
         params["gpus_per_node"] = resources.gpus_per_node
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
     return executor
+
+
+def private_folder(folder: str | Path) -> Path:
+    """Create the fixed part of the submitit ``folder`` (up to the first ``%`` pattern) with mode 0700, or check an
+    existing one. Every task unpickles the job it finds there: anyone who can write to it can run code as the
+    job's user, so a folder that group or others can write to is refused."""
+    parts = Path(folder).parts
+    fixed = Path(*parts[:next((i for i, part in enumerate(parts) if "%" in part), len(parts))] or ["."])
+    fixed.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = fixed.stat().st_mode
+    if mode & 0o022:
+        raise PermissionError(f"the submitit folder {fixed} can be written by group or others (mode {mode & 0o777:o}); "
+                              f"every task unpickles the job file it finds there, so anyone who can write to it could "
+                              f"run code as you. Run `chmod go-w {fixed}`, or pass --folder with a private directory")
+    return fixed
 
 
 def submit(executor: Any, jobs: Sequence[TrainJob]) -> list[Any]:

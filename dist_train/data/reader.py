@@ -120,13 +120,16 @@ class _Cursor:
             member = self.tar.next()
         if member is None:
             return None
-        key, _ = base_plus_ext(member.name)
+        key = base_plus_ext(member.name)[0]
         sample: dict[str, Any] = {"__key__": key}
-        while member is not None and member.isfile() and base_plus_ext(member.name)[0] == key:
+        while member is not None and member.isfile():
+            member_key, ext = base_plus_ext(member.name)  # split once per member: this is the data path
+            if member_key != key:
+                break
             if read:
                 extracted = self.tar.extractfile(member)
                 assert extracted is not None
-                sample[base_plus_ext(member.name)[1]] = extracted.read()
+                sample[ext] = extracted.read()
             member = self.tar.next()
         self._pending = member  # the next sample's first member, its data not read yet
         self.offset += 1

@@ -9,17 +9,25 @@ It is written under a temporary name and renamed into place by rank 0 once every
 so a crash leaves either the previous set of checkpoints or the new one, never half of one. On
 load, a checkpoint whose files do not match its manifest is reported and skipped for the
 previous one. Multi-node runs need ``checkpoint.dir`` on a filesystem every node sees.
+
+Nothing is unpickled: every file loads with ``weights_only`` (tensors, plain containers and, for DeepSpeed's
+files, three record types of its own), also inside DeepSpeed, which asks torch for a full unpickle
+(``weights_only_loading``). The sha256 manifest catches a truncated or corrupt file, not a malicious one:
+whoever can write the files can write the manifest. docs/faults.md ("Security") says what is trusted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -47,17 +55,88 @@ def save_tensor_file(obj: Any, path: Path) -> None:
 
 
 def load_tensor_file(path: Path) -> Any:
-    # weights_only: tensors and plain containers only; a checkpoint cannot run code on load. mmap: the tensors
-    # are paged in from the file as they are copied into the model, not read into memory first.
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    """A file of dist_train's own (tensors and plain containers), loaded weights-only: it cannot run code."""
+    # mmap: the tensors are paged in from the file as they are copied into the model, not read into memory first.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(refused_pickle_message(path, err, allow="")) from None
+
+
+# DeepSpeed 0.19 pickles these record types of its own into the ZeRO-1/2 optimizer files (listed with
+# torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO-0/1/2 x fp32/bf16 checkpoints; ZeRO-0 files
+# hold none). They are a dataclass, a static loss-scale holder and an IntEnum, rebuilt from their fields
+# without calling code the file chooses. DynamicLossScaler is what fp16 (GPU only) stores instead of LossScaler.
+DEEPSPEED_SAFE_TYPES = (
+    "deepspeed.utils.tensor_fragment:fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler:LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler:DynamicLossScaler",
+    "deepspeed.runtime.zero.config:ZeroStageEnum",
+)
+_FORCE, _FORCE_NOT = "TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+def _safe_types() -> list[Any]:
+    found = []
+    for spec in DEEPSPEED_SAFE_TYPES:
+        module, name = spec.split(":")
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # DeepSpeed not installed, or a version without the type
+            continue
+    return found
+
+
+@contextlib.contextmanager
+def weights_only_loading(what: str, *, trust_pickle: bool = False, allow: str = "checkpoint.trust_pickle=true"
+                         ) -> Iterator[None]:
+    """Within the block every ``torch.load`` of this process is weights-only, whatever its caller asks for.
+
+    DeepSpeed's checkpoint engine and ``zero_to_fp32`` call ``torch.load(weights_only=False)``: a full
+    unpickle, which runs whatever callable the file names. torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` overrides
+    that at each call, and ``torch.serialization.safe_globals`` lets DeepSpeed's few record types through.
+    A file that needs anything else raises CheckpointError naming ``what`` and the file, and saying how to
+    ``allow`` it. ``trust_pickle``: the user's own say-so that the files are trusted; the block then changes
+    nothing (DeepSpeed unpickles in full, as it does on its own)."""
+    if trust_pickle:
+        log.warning("%s: loading with full unpickling (trust_pickle): its files can run code as this user", what)
+        yield
+        return
+    saved = {name: os.environ.pop(name, None) for name in (_FORCE, _FORCE_NOT)}
+    os.environ[_FORCE] = "1"
+    try:
+        with torch.serialization.safe_globals(_safe_types()):
+            yield
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(refused_pickle_message(what, err, allow=allow)) from None
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def refused_pickle_message(what: Any, err: Exception, *, allow: str) -> str:
+    """Why a file was refused (the global torch's weights-only unpickler would not rebuild) and what to do."""
+    # torch's own message goes on to suggest allowlisting the global, which is not the advice to give here.
+    named = re.search(r"GLOBAL ([\w.]+)", str(err))
+    detail = f"it names {named.group(1)}" if named else (str(err).splitlines() or [type(err).__name__])[0][:300]
+    advice = (f"If it comes from a source you trust, and only then, allow a full unpickle with {allow}."
+              if allow else "dist_train writes only tensors into these files: this one was not written by it.")
+    return (f"{what} holds pickled Python objects besides tensors ({detail}); unpickling them could run "
+            f"code, so dist_train loads weights only. {advice}")
 
 
 class Checkpointer:
     """Writes and finds the checkpoints of one run, keeping the last ``keep_last``."""
 
     def __init__(self, directory: str | Path, *, keep_last: int, rank: int, world_size: int,
-                 barrier: Callable[[], None] = lambda: None, broadcast: Callable[[Any], Any] = lambda obj: obj):
+                 barrier: Callable[[], None] = lambda: None, broadcast: Callable[[Any], Any] = lambda obj: obj,
+                 trust_pickle: bool = False):
         self.directory = Path(directory)
+        self.trust_pickle = trust_pickle
+        """``checkpoint.trust_pickle``: let the backend's files (DeepSpeed's) unpickle in full."""
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size

@@ -85,20 +85,21 @@ def _cuda_bf16(device: torch.device) -> bool:
         return bool(torch.cuda.is_bf16_supported())
 
 
-def resolve_precision(requested: str, device: torch.device, *,
-                      recorded: str | None = None) -> tuple[Precision, list[str]]:
+def resolve_precision(requested: str, device: torch.device, *, recorded: str | None = None,
+                      bf16_ok: bool = True) -> tuple[Precision, list[str]]:
     """The precision this run trains in (``fp32``, ``bf16`` or ``fp16``, never ``auto``), and the warnings
     the main rank should print about it.
 
     ``recorded`` is the precision a checkpoint being resumed was trained in. Under ``auto`` it wins, so
     the numerics of a run do not change with the machine it is requeued onto; an explicit setting that
     differs from it is honoured with a warning. A CPU without native bf16 that ends up in bf16 gets a
-    warning with the measured cost."""
+    warning with the measured cost. ``bf16_ok=False``: the backend refuses bf16 (DeepSpeed ZeRO-0), so
+    ``auto`` picks fp32."""
     if requested not in PRECISIONS:
         raise ValueError(f"train.precision={requested!r} is not one of {PRECISIONS}")
     warnings = []
     if requested == "auto":
-        here = "bf16" if (_cuda_bf16(device) if device.type == "cuda" else native_bf16()) else "fp32"
+        here = "bf16" if bf16_ok and (_cuda_bf16(device) if device.type == "cuda" else native_bf16()) else "fp32"
         resolved = recorded or here
         if recorded and recorded != here:
             warnings.append(f"train.precision=auto: this run was trained in {recorded} and continues in it, though "

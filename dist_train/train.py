@@ -48,7 +48,7 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
     run_dir = Path(cfg.train.run_dir)
     checkpointer = Checkpointer(cfg.checkpoint.dir or run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
                                 rank=info.rank, world_size=info.world_size, barrier=partial(barrier, info),
-                                broadcast=partial(broadcast_object, info))
+                                broadcast=partial(broadcast_object, info), trust_pickle=cfg.checkpoint.trust_pickle)
     latest = checkpointer.choose_resume() if cfg.checkpoint.resume else None  # rank 0 decides for all
     precision = _precision(cfg, info, recorded=Checkpointer.run_facts(latest).get("precision"))
     parts = _parts(cfg, info, manifest, precision=precision, checkpointer=checkpointer)
@@ -69,7 +69,8 @@ def _precision(cfg: Config, info: Any, *, recorded: str | None) -> Precision:
     set-up); a resumed run keeps the precision its checkpoint records (docs/cpu.md)."""
     from dist_train.cpu import resolve_precision
 
-    precision, warnings = resolve_precision(cfg.train.precision, info.device, recorded=recorded)
+    zero0 = cfg.backend.name == "deepspeed" and cfg.backend.zero_stage == 0  # refuses bf16 (backends/deepspeed.py)
+    precision, warnings = resolve_precision(cfg.train.precision, info.device, recorded=recorded, bf16_ok=not zero0)
     for warning in warnings if info.is_main else ():
         log.warning("%s", warning)
     return precision

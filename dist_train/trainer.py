@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_train.backends import Backend, HoldsSlowWeights, MeasuresNoiseScale
-from dist_train.checkpoint import CheckpointError
+from dist_train.checkpoint import CheckpointError, weights_only_loading
 from dist_train.config import TrainConfig
 from dist_train.faults import NonFiniteLoss, Preempted, PreemptionFlag, StepFlags, step_flags
 from dist_train.parts import Stateful, TrainerParts
@@ -130,7 +130,8 @@ class Trainer:
         """Restore every state from checkpoint ``path``; one of another world size if the backend allows it
         (the data position is then re-dealt to this run's ranks: docs/data.md)."""
         self.checkpointer.load_states(path, self.states, elastic=self.backend.resumes_at_any_world_size)
-        self.backend.load_from(path)
+        with weights_only_loading(f"checkpoint {path}", trust_pickle=self.checkpointer.trust_pickle):
+            self.backend.load_from(path)  # DeepSpeed's loader asks torch for a full unpickle: refused here
         self._stream = None  # re-created at the restored data position on next use
         # The batch a restored controller chose must divide over this run's ranks (elastic resume).
         try:

@@ -16,6 +16,8 @@ from dist_train.config import ConfigError, check, load_config
 
 BAD = {  # name -> (overrides, world size, words the message must hold)
     "fp16 on DDP": (["train.precision=fp16"], 1, ["train.precision=fp16", "backend.name=deepspeed"]),
+    "bf16 on ZeRO-0": (["train.precision=bf16", "backend.name=deepspeed", "backend.zero_stage=0"], 1,
+                       ["backend.zero_stage=0", "bf16", "backend.zero_stage=1"]),
     "momentum rule with RAdam": (["optim.name=radam", "schedule.momentum_rule_momentum=0.95"], 1,
                                  ["schedule.momentum_rule_momentum", "optim.name=radam"]),
     "a batch that does not divide at 3 ranks": (["train.global_batch_size=256", "train.micro_batch_size=64"], 3,

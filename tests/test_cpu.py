@@ -128,6 +128,7 @@ def test_auto_on_cuda_follows_the_gpu(monkeypatch, native, gpu_bf16):
     monkeypatch.setattr(cpu, "_cuda_bf16", lambda device: gpu_bf16)
     assert cpu.resolve_precision("auto", CUDA) == ("bf16" if gpu_bf16 else "fp32", [])
     assert cpu.resolve_precision("fp32", CUDA) == ("fp32", [])
+    assert cpu.resolve_precision("auto", CUDA, bf16_ok=False) == ("fp32", [])  # DeepSpeed ZeRO-0 refuses bf16
 
 
 def test_a_resumed_auto_run_keeps_its_recorded_precision_with_a_warning(native):

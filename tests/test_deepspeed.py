@@ -407,6 +407,9 @@ def test_config_errors_name_the_setting(tmp_path):
     cpu = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="fp16 needs a CUDA GPU"):
         build_backend("deepspeed", cpu, micro_batch_size=8, precision="fp16")
+    # ZeRO-0 in bf16 would accumulate the gradients in bf16; it used to fail at the first step instead
+    with pytest.raises(ValueError, match="zero_stage=0 with train.precision=bf16.*zero_stage=1"):
+        build_backend("deepspeed", cpu, micro_batch_size=8, zero_stage=0, precision="bf16")
     bad_json = tmp_path / "ds.json"
     bad_json.write_text('{"optimizer": {"type": "Adam"}}')
     with pytest.raises(ValueError, match="optim"):

@@ -54,6 +54,14 @@ OWNED_KEYS = {
 """Keys of the generated config that the typed config owns, with the setting to change instead."""
 
 
+# DeepSpeed 0.19 runs ZeRO-0 in bf16 through its DDP_BFLOAT16 wrapper, which accumulates and all-reduces the
+# gradients in bf16 and offers no fp32 accumulation at stage 0 ("unsupported mix" of dtypes).
+ZERO0_BF16 = ("backend.zero_stage=0 with train.precision=bf16: DeepSpeed then sums the gradients over micro-batches "
+              "and ranks in bf16 (8 bits of mantissa), which loses the small contributions a large accumulated batch "
+              "is made of; use backend.zero_stage=1 (bf16 compute, fp32 gradients and master weights), or "
+              "backend.name=ddp with train.precision=bf16")
+
+
 def deepspeed_config(*, micro_batch_size: int, world_size: int, zero_stage: int, precision: str,
                      grad_clip_norm: float, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The DeepSpeed config for these settings, with ``overrides`` (from a JSON file) merged in."""
@@ -107,6 +115,8 @@ class DeepSpeedBackend(LookaheadSlowWeights, Backend):
         if precision == "fp16" and info.device.type != "cuda":
             raise ValueError("train.precision=fp16 needs a CUDA GPU (DeepSpeed refuses fp16 on CPU); "
                              "use train.precision=bf16 or fp32 on CPU")
+        if zero_stage == 0 and precision == "bf16":
+            raise ValueError(ZERO0_BF16)
         self.zero_stage = zero_stage
         self.precision = precision
         self.grad_clip_norm = grad_clip_norm
@@ -213,6 +223,10 @@ class DeepSpeedBackend(LookaheadSlowWeights, Backend):
     def grads_finite(self) -> torch.Tensor:
         # ZeRO's own norm of the reduced partitions (a collective), before the step; DeepSpeed takes it again
         # inside step() for clipping: one more scalar all-reduce per step.
+        if self.precision == "fp16":
+            # Overflow is routine under dynamic loss scaling: DeepSpeed itself skips that step and lowers the
+            # scale. Skipping it here instead would keep the scale, and overflow again, forever.
+            return torch.ones((), dtype=torch.bool, device=self.info.device)
         if self._steps_module_directly():
             return torch.isfinite(self._replicated_grad_norm())
         return torch.isfinite(torch.as_tensor(self._engine.optimizer.scaled_global_norm()))

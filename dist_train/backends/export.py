@@ -11,6 +11,9 @@ With Lookahead the trainer evaluates the slow weights, and the checkpoint also h
 state_dict (``model-slow.pt``). ``--weights evaluated``, the default, exports those when they are there
 and the trained weights otherwise; ``fast`` always exports the trained (fast) weights, ``slow`` only
 the slow ones.
+
+Every file is read weights-only, DeepSpeed's too (``checkpoint.weights_only_loading``): a checkpoint that
+holds other pickled objects is refused unless ``--trust-pickle`` says it comes from a trusted source.
 """
 
 from __future__ import annotations
@@ -22,15 +25,23 @@ import torch
 
 from dist_train.backends.base import BACKEND_FILE as DDP_FILE
 from dist_train.backends.capabilities import SLOW_MODEL_FILE
-from dist_train.checkpoint import MANIFEST, Checkpointer, CheckpointError, load_tensor_file, save_tensor_file
+from dist_train.checkpoint import (
+    MANIFEST,
+    Checkpointer,
+    CheckpointError,
+    load_tensor_file,
+    save_tensor_file,
+    weights_only_loading,
+)
 from dist_train.files import replaced_atomically
 
 WEIGHTS = ("evaluated", "fast", "slow")
 
 
-def export_state_dict(checkpoint_path_or_dir: str | Path, out_path: str | Path, *, weights: str = "evaluated") -> Path:
+def export_state_dict(checkpoint_path_or_dir: str | Path, out_path: str | Path, *, weights: str = "evaluated",
+                      trust_pickle: bool = False) -> Path:
     """Write the model state_dict of the checkpoint at ``checkpoint_path_or_dir`` to ``out_path``."""
-    state = model_state_dict(checkpoint_path_or_dir, weights=weights)
+    state = model_state_dict(checkpoint_path_or_dir, weights=weights, trust_pickle=trust_pickle)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with replaced_atomically(out) as tmp:
@@ -38,11 +49,13 @@ def export_state_dict(checkpoint_path_or_dir: str | Path, out_path: str | Path, 
     return out
 
 
-def model_state_dict(checkpoint_path_or_dir: str | Path, *, weights: str = "evaluated") -> dict[str, torch.Tensor]:
+def model_state_dict(checkpoint_path_or_dir: str | Path, *, weights: str = "evaluated",
+                     trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The fp32 model state_dict held by a checkpoint directory (DDP or DeepSpeed) or a ``backend.pt``.
 
     ``weights``: ``evaluated`` (Lookahead's slow weights where the checkpoint has them, else the trained
-    ones), ``fast`` (the trained weights) or ``slow`` (an error without Lookahead)."""
+    ones), ``fast`` (the trained weights) or ``slow`` (an error without Lookahead). ``trust_pickle``: let
+    DeepSpeed's files unpickle in full (refused by default)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHTS)}")
     path = Path(checkpoint_path_or_dir)
@@ -62,11 +75,13 @@ def model_state_dict(checkpoint_path_or_dir: str | Path, *, weights: str = "eval
     elif any(path.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    elif (path / "mp_rank_00_model_states.pt").is_file():
-        # ZeRO-0: DeepSpeed pickles its own objects next to the module, so this file needs a full unpickle
-        # (as DeepSpeed's loader does); export only checkpoints you trust.
-        state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        # zero_to_fp32 calls torch.load(weights_only=False) itself: weights_only_loading overrides that.
+        with weights_only_loading(f"checkpoint {path}", trust_pickle=trust_pickle, allow="export --trust-pickle"):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    elif (path / "mp_rank_00_model_states.pt").is_file():  # ZeRO-0: the module as trained
+        with weights_only_loading(f"checkpoint {path}", trust_pickle=trust_pickle, allow="export --trust-pickle"):
+            state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
+                               weights_only=not trust_pickle)["module"]
     else:
         raise CheckpointError(f"{str(path)!r} holds neither {DDP_FILE} (DDP) nor DeepSpeed model or ZeRO files")
     return {name: t.detach().float() if t.is_floating_point() else t.detach() for name, t in state.items()}
@@ -86,11 +101,14 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
                         help="evaluated (default): Lookahead's slow weights when the run used Lookahead, which is "
                              "what its test accuracy measured, else the trained weights; fast: the trained "
                              "weights; slow: the slow weights only")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="let DeepSpeed's files unpickle in full, which can run code they name: only for a "
+                             "checkpoint from a source you trust (by default every file loads weights-only)")
     parser.set_defaults(func=_run_export)
     return parser
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    out = export_state_dict(args.checkpoint, args.out, weights=args.weights)
+    out = export_state_dict(args.checkpoint, args.out, weights=args.weights, trust_pickle=args.trust_pickle)
     print(f"wrote {out}")
     return 0

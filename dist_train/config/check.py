@@ -37,6 +37,10 @@ def _check_precision(cfg: Config) -> None:
     if precision == "fp16" and cfg.train.device == "cpu":
         raise ConfigError("train.precision=fp16 needs a CUDA GPU (DeepSpeed refuses fp16 on CPU); use "
                           "train.precision=bf16, fp32 or auto on CPU")
+    if backend.name == "deepspeed" and backend.zero_stage == 0 and precision == "bf16":
+        from dist_train.backends.deepspeed import ZERO0_BF16
+
+        raise ConfigError(ZERO0_BF16)
     if (backend.name == "deepspeed" and backend.zero_stage == 0 and cfg.optim.lookahead is not None
             and precision in ("bf16", "fp16")):
         raise ConfigError(f"optim.lookahead with backend.zero_stage=0 and train.precision={precision}: DeepSpeed "

@@ -182,6 +182,10 @@ class CheckpointConfig:
     """Resume from the latest checkpoint in ``dir`` when one exists."""
     keep_last: int = 3
     """Keep this many most recent checkpoints."""
+    trust_pickle: bool = False
+    """Let a resume unpickle the backend's files in full (DeepSpeed's; dist_train's own are tensors only). Off,
+    every file loads weights-only, and one that holds other Python objects is refused: unpickling it could run
+    code. Turn on only for a checkpoint from a source you trust, e.g. one a newer DeepSpeed wrote."""
 
     def __post_init__(self) -> None:
         if self.every_steps < 0 or self.every_minutes < 0 or self.keep_last < 1:

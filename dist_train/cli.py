@@ -32,7 +32,11 @@ def _print_config(args: argparse.Namespace) -> int:
 def _import_tracking(args: argparse.Namespace) -> int:
     from dist_train.tracking import import_pending
 
-    run_id = import_pending(args.pending_file, tracking_uri=args.tracking_uri)
+    try:
+        run_id = import_pending(args.pending_file, tracking_uri=args.tracking_uri)
+    except (ValueError, ConnectionError) as err:  # not a pending file, a changed one, or no server
+        print(f"dist-train: {err}", file=sys.stderr)
+        return 1
     print(f"sent the queued records of {args.pending_file} to MLflow run {run_id}")
     return 0
 
@@ -88,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from dist_train.checkpoint import CheckpointError
     from dist_train.data.errors import ShardsNotFound, ShardVerificationError
     from dist_train.faults import PREEMPTED_EXIT_CODE, NonFiniteLoss, Preempted
+    from dist_train.tracking import TrackingRefused
 
     try:
         return int(args.func(args) or 0)
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as err:
         print(f"dist-train: {err}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except (NonFiniteLoss, CheckpointError, ShardsNotFound, ShardVerificationError) as err:
+    except (NonFiniteLoss, CheckpointError, ShardsNotFound, ShardVerificationError, TrackingRefused) as err:
         print(f"dist-train: {err}", file=sys.stderr)
         return 1
 

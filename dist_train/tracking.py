@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
@@ -19,6 +20,14 @@ from dist_train.files import replaced_atomically
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class TrackingRefused(RuntimeError):
+    """The tracking server refused this run's credentials (or their permissions) when the run started."""
+
+
+# MLflow's error codes for a missing or wrong login (401) and for a user without the permission (403).
+_REFUSED = ("UNAUTHENTICATED", "PERMISSION_DENIED")
 
 
 class Tracker(Protocol):
@@ -60,6 +69,16 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def without_credentials(uri: str) -> str:
+    """``uri`` with any user name and password taken out of it (``http://u:p@host:5000`` -> ``http://host:5000``):
+    what may be logged or written down. A run authenticates through ``MLFLOW_TRACKING_USERNAME`` and
+    ``MLFLOW_TRACKING_PASSWORD`` (or ``MLFLOW_TRACKING_TOKEN``), which stay in its environment."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 class MlflowTracker:
     """Logs through ``MlflowClient`` (no global active-run state) and survives an unreachable server.
 
@@ -81,6 +100,8 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = resolve_tracking_uri(cfg)
+        self.shown_uri = without_credentials(self.uri)
+        """``uri`` as logs and the pending file show it: without credentials."""
         self.cfg = cfg
         self._client = MlflowClient(tracking_uri=self.uri)
         self.run_id = run_id
@@ -90,7 +111,7 @@ class MlflowTracker:
         self._retry_interval_s = retry_interval_s
         self._next_try = 0.0
         self._outage_since: float | None = None
-        self._flush(force=True)
+        self._flush(force=True, starting=True)
 
     # --- the protocol --------------------------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -108,7 +129,7 @@ class MlflowTracker:
         self._put({"op": "finish", "status": status}, force=True)
         if self._queue:
             log.warning("the MLflow server at %s is still unreachable: %d records are kept in %s; send them "
-                        "later with `dist-train import-tracking %s`", self.uri, len(self._queue),
+                        "later with `dist-train import-tracking %s`", self.shown_uri, len(self._queue),
                         self._pending_file, self._pending_file)
 
     def last_logged_step(self, key: str = "samples_seen") -> int:
@@ -128,7 +149,10 @@ class MlflowTracker:
         if self._queue and self._pending_file is not None:
             self._write_pending()
 
-    def _flush(self, *, force: bool = False) -> None:
+    def _flush(self, *, force: bool = False, starting: bool = False) -> None:
+        """Send the queue in order. ``starting``: a server that refuses the credentials raises TrackingRefused
+        (a wrong password is not an outage to train through); later, a refusal queues like an outage, so a
+        password changed mid-run loses no record."""
         if not force and time.monotonic() < self._next_try:
             return
         try:
@@ -141,14 +165,22 @@ class MlflowTracker:
                 self._send(self._queue[0])
                 self._queue.pop(0)
         except Exception as err:  # any failure to reach the store: keep training, keep the records
+            code = getattr(err, "error_code", None)
+            if starting and code in _REFUSED:
+                raise TrackingRefused(
+                    f"MLflow at {self.shown_uri} refused this run ({code}): set MLFLOW_TRACKING_USERNAME and "
+                    f"MLFLOW_TRACKING_PASSWORD to a user of that server who may write to experiment "
+                    f"{self.cfg.experiment!r} (docs/launch.md, \"The team's MLflow server\"), or train with "
+                    f"tracking.enabled=false") from None
             self._next_try = time.monotonic() + self._retry_interval_s
             if self._outage_since is None:
                 self._outage_since = time.monotonic()
                 log.warning("MLflow at %s is unreachable (%s); training goes on, records are queued and "
-                            "retried every %.0f s", self.uri, str(err).splitlines()[0][:200], self._retry_interval_s)
+                            "retried every %.0f s", self.shown_uri, str(err).splitlines()[0][:200],
+                            self._retry_interval_s)
             return
         if self._outage_since is not None:
-            log.warning("MLflow at %s is reachable again after %.0f s; queued records sent", self.uri,
+            log.warning("MLflow at %s is reachable again after %.0f s; queued records sent", self.shown_uri,
                         time.monotonic() - self._outage_since)
             self._outage_since = None
             if self._pending_file is not None:
@@ -180,8 +212,11 @@ class MlflowTracker:
             raise ValueError(f"unknown tracking record {op!r}")
 
     def _write_pending(self) -> None:
-        header = {"op": "header", "tracking_uri": self.uri, "experiment": self.cfg.experiment,
-                  "run_name": self.cfg.run_name, "run_id": self.run_id}
+        # No secret goes to disk: the URI loses any user:password in it, and the environment's credentials
+        # (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN) are never read here at all.
+        header = {"op": "header", "tracking_uri": self.shown_uri, "experiment": self.cfg.experiment,
+                  "run_name": self.cfg.run_name, "run_id": self.run_id,
+                  "credentials_removed": self.shown_uri != self.uri}
         assert self._pending_file is not None
         self._pending_file.parent.mkdir(parents=True, exist_ok=True)
         with replaced_atomically(self._pending_file) as tmp:
@@ -189,18 +224,33 @@ class MlflowTracker:
 
 
 def import_pending(pending_file: str | Path, *, tracking_uri: str | None = None) -> str:
-    """Send the records of a pending file (see ``MlflowTracker``); returns the run id they went to."""
-    lines = [json.loads(line) for line in Path(pending_file).read_text().splitlines() if line.strip()]
+    """Send the records of a pending file (see ``MlflowTracker``); returns the run id they went to.
+
+    The file is JSON, never unpickled. Its artifacts must lie in the run directory that holds it (where the
+    trainer writes them): a pending file is data, and one that names another file (``~/.ssh/id_rsa``) is
+    refused before anything is sent, so it cannot upload that file to the server."""
+    pending_file = Path(pending_file)
+    lines = [json.loads(line) for line in pending_file.read_text().splitlines() if line.strip()]
     if not lines or lines[0].get("op") != "header":
         raise ValueError(f"{pending_file} is not a dist_train pending-tracking file (no header line)")
     header, records = lines[0], lines[1:]
+    run_dir = pending_file.resolve().parent
+    for record in records:
+        if record.get("op") == "artifact" and not Path(record["path"]).resolve().is_relative_to(run_dir):
+            raise ValueError(f"{pending_file} asks to upload {record['path']}, outside its run directory {run_dir}; "
+                             f"dist_train writes only artifacts of the run's own directory, so this file was "
+                             f"changed: nothing was sent")
+    if header.get("credentials_removed") and not tracking_uri:
+        log.warning("the tracking URI of %s had credentials in it, which were not written down: give them in "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or pass --tracking-uri", pending_file)
     cfg = TrackingConfig(tracking_uri=tracking_uri or header["tracking_uri"], experiment=header["experiment"],
                          run_name=header["run_name"])
     tracker = MlflowTracker(cfg, run_id=header["run_id"], retry_interval_s=0.0)
     tracker._queue = records
     tracker._flush(force=True)
     if tracker._queue:
-        raise ConnectionError(f"MLflow at {tracker.uri} is still unreachable; {len(tracker._queue)} records not sent")
+        raise ConnectionError(f"MLflow at {tracker.shown_uri} is still unreachable (or refuses these credentials); "
+                              f"{len(tracker._queue)} records not sent")
     Path(pending_file).unlink()
     assert tracker.run_id is not None  # the flush above created or continued the run
     return tracker.run_id

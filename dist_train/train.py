@@ -55,7 +55,7 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
     # Tracking starts once everything is built, so a run that cannot start leaves no MLflow run behind;
     # from here on every outcome, a failed resume included, ends the MLflow run with a status.
     run_id = _continued_run_id(latest, run_dir)
-    tracker = _start_tracking(cfg, info, run_dir, run_id, precision=precision)
+    tracker = _start_tracking_on_every_rank(cfg, info, run_dir, run_id, precision=precision)
     parts = replace(parts, tracker=tracker, logged_through_step=tracker.last_logged_step() if run_id else 0)
     trainer = Trainer(cfg.train, parts, max_bad_sample_fraction=cfg.data.max_bad_sample_fraction,
                       checkpoint_every_steps=cfg.checkpoint.every_steps,
@@ -187,6 +187,24 @@ def _continued_run_id(latest: Path | None, run_dir: Path) -> str | None:
     if latest is None or not run_id_file.is_file():
         return None
     return run_id_file.read_text().strip()
+
+
+def _start_tracking_on_every_rank(cfg: Config, info: Any, run_dir: Path, run_id: str | None, *,
+                                  precision: str) -> Any:
+    """Collective: the main rank's tracker (the others' track nothing). A server that refuses the credentials
+    stops every rank with the same error, not rank 0 alone while the others wait in the first collective."""
+    from dist_train.distributed import broadcast_object
+    from dist_train.tracking import NullTracker, TrackingRefused
+
+    refused, tracker = None, NullTracker()
+    try:
+        tracker = _start_tracking(cfg, info, run_dir, run_id, precision=precision)
+    except TrackingRefused as err:
+        refused = str(err)
+    refused = broadcast_object(info, refused)
+    if refused is not None:
+        raise TrackingRefused(refused)
+    return tracker
 
 
 def _start_tracking(cfg: Config, info: Any, run_dir: Path, run_id: str | None, *, precision: str) -> Any:

@@ -153,5 +153,30 @@ def test_base_image_python_is_supported(dockerfile):
 def test_compose_builds_the_pinned_mlflow_image():
     compose = (ROOT / "docker" / "docker-compose.mlflow.yml").read_text()
     assert "dockerfile: docker/Dockerfile.mlflow" in compose
-    assert "--backend-store-uri=postgresql+psycopg2://" in compose and "--artifacts-destination=" in compose
+    assert "--artifacts-destination=" in compose
     assert not re.search(r"\bmlflow[=:]=?v?\d", compose), "the compose file must not pin mlflow on its own"
+
+
+def test_the_team_server_needs_a_login_and_listens_on_loopback_unless_told():
+    import configparser
+
+    import yaml
+
+    mlflow = yaml.safe_load((ROOT / "docker" / "docker-compose.mlflow.yml").read_text())["services"]["mlflow"]
+    assert "--app-name=basic-auth" in mlflow["command"]
+    # Published on 127.0.0.1 unless MLFLOW_BIND_ADDRESS says otherwise; never "5000:5000" (every interface).
+    assert mlflow["ports"] == ["${MLFLOW_BIND_ADDRESS:-127.0.0.1}:5000:5000"]
+    env = mlflow["environment"]
+    # Secrets come from the environment and compose refuses to start without them (":?"), as for the DB.
+    for name, variable in (("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_ADMIN_PASSWORD"),
+                           ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_SECRET_KEY")):
+        assert env[name].startswith("${" + variable + ":?"), env[name]
+    assert "${MLFLOW_DB_PASSWORD}" in env["MLFLOW_BACKEND_STORE_URI"]
+    assert not any("PASSWORD" in str(arg) for arg in mlflow["command"]), "a password on the command line shows in ps"
+    # The auth config is the one in the repository (tests/test_mlflow_auth.py runs it), its users in a volume.
+    mount = next(v for v in mlflow["volumes"] if v.endswith(":" + env["MLFLOW_AUTH_CONFIG_PATH"] + ":ro"))
+    ini = configparser.ConfigParser()
+    ini.read(ROOT / "docker" / mount.split(":")[0])
+    auth_db = ini["mlflow"]["database_uri"].removeprefix("sqlite:///")
+    assert any(v.split(":")[1] == str(Path(auth_db).parent) for v in mlflow["volumes"] if v.startswith("mlflow-"))
+    assert "admin_password" not in ini["mlflow"]

@@ -168,6 +168,14 @@ class TrackingConfig:
     """At the end, log the final checkpoint's evaluated weights (Lookahead's slow ones where used) as the
     artifact ``model/model.pt``, a plain state_dict as ``dist-train export`` writes it."""
 
+    def __post_init__(self) -> None:
+        from urllib.parse import urlsplit
+
+        if urlsplit(self.tracking_uri).password is not None:
+            raise ValueError("tracking.tracking_uri holds a password, and the config is logged as the run's params "
+                             "and written to config.yaml: put the user and password in MLFLOW_TRACKING_USERNAME "
+                             "and MLFLOW_TRACKING_PASSWORD instead (docs/launch.md)")
+
 
 @dataclass(frozen=True)
 class CheckpointConfig:

@@ -4,24 +4,32 @@
 (/usr/lib/postgresql/<version>/bin) in a temp datadir. postgres refuses to run as root, so as
 root both run as the ``postgres`` system user, which owns the datadir; as any other user they
 run as that user. ``MlflowServer.running(backend_store_uri=...)`` runs ``mlflow server`` with
-one worker and an artifact store in a temp dir, and yields once ``/health`` answers. Both are
-stopped by PID and their temp dirs removed on the way out.
+one worker and an artifact store in a temp dir, and yields once ``/health`` answers; with
+``admin_password`` it runs MLflow's basic-auth app with the repository's own docker/mlflow-auth.ini (its
+user store moved into the temp dir), as the team's compose file does. Both are stopped by PID and their
+temp dirs removed on the way out.
 
-Fixtures: ``postgres_server`` (session) and ``mlflow_server`` (session, on top of it).
+Fixtures: ``postgres_server`` (session), ``mlflow_server`` (session, on top of it) and
+``mlflow_auth_server`` (session, sqlite stores: the login is what it is for).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import glob
 import importlib.util
+import json
 import os
 import pwd
+import re
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +41,7 @@ from infra import skip_or_fail
 from infra.daemons import DaemonError, free_port, spawn, stop, wait_until
 
 PG_USER, PG_PASSWORD, PG_DB = "mlflow", "mlflow-test-only", "mlflow"
+AUTH_INI = Path(__file__).resolve().parents[2] / "docker" / "mlflow-auth.ini"
 
 
 def postgres_bin_dir() -> Path | None:
@@ -114,20 +123,32 @@ class PostgresServer:
 class MlflowServer:
     url: str
     artifacts: Path
+    admin: tuple[str, str] | None = None
+    """(user, password) of the basic-auth app's admin; None without the app."""
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, *, backend_store_uri: str, timeout_s: float = 120.0) -> Iterator["MlflowServer"]:
+    def running(cls, *, backend_store_uri: str | None = None, admin_password: str | None = None,
+                timeout_s: float = 120.0) -> Iterator["MlflowServer"]:
+        """``backend_store_uri`` None: a sqlite store in the server's temp dir."""
         root = Path(tempfile.mkdtemp(prefix="mlflow-server-"))
         port = free_port()
         server = cls(url=f"http://127.0.0.1:{port}", artifacts=root / "artifacts")
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-        env.pop("MLFLOW_TRACKING_URI", None)
-        daemons = [spawn("mlflow", [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", backend_store_uri, "--artifacts-destination", str(server.artifacts),
-            "--workers", "1",
-        ], log=root / "mlflow.log", env=env, cwd=root)]
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            env.pop(name, None)
+        args = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                "--backend-store-uri", backend_store_uri or f"sqlite:///{root}/store.db",
+                "--artifacts-destination", str(server.artifacts), "--workers", "1"]
+        if admin_password is not None:
+            ini = root / "basic_auth.ini"
+            ini.write_text(re.sub(r"(?m)^database_uri = .*$", f"database_uri = sqlite:///{root}/basic_auth.db",
+                                  AUTH_INI.read_text()))
+            env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+                       MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
+            args += ["--app-name", "basic-auth"]
+            server.admin = ("admin", admin_password)
+        daemons = [spawn("mlflow", args, log=root / "mlflow.log", env=env, cwd=root)]
         try:
             wait_until(server.healthy, what="mlflow server /health", timeout_s=timeout_s, daemons=tuple(daemons),
                        interval_s=0.3)
@@ -142,6 +163,29 @@ class MlflowServer:
                 return response.status == 200
         except OSError:
             return False
+
+    def request(self, method: str, path: str, body: dict | None = None, *,
+                auth: tuple[str, str] | None = None) -> tuple[int, dict]:
+        """(HTTP status, JSON body or {}) of one REST call, as ``auth`` (user, password) or anonymously."""
+        headers = {"Content-Type": "application/json"}
+        if auth is not None:
+            headers["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.url}{path}", data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as response:
+                status, text = response.status, response.read()
+        except urllib.error.HTTPError as err:
+            status, text = err.code, err.read()
+        try:
+            return status, json.loads(text or b"{}")
+        except ValueError:
+            return status, {}
+
+    def add_user(self, username: str, password: str) -> None:
+        status, body = self.request("POST", "/api/2.0/mlflow/users/create",
+                                    {"username": username, "password": password}, auth=self.admin)
+        assert status == 200, (status, body)
 
 
 def _unavailable_reason() -> str | None:
@@ -165,6 +209,16 @@ def postgres_server() -> Iterator[PostgresServer]:
     if reason:
         skip_or_fail(reason)
     with PostgresServer.running() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_auth_server() -> Iterator[MlflowServer]:
+    """A running ``mlflow server --app-name basic-auth`` whose admin is ``server.admin``."""
+    for module in ("mlflow", "flask_wtf"):
+        if importlib.util.find_spec(module) is None:
+            skip_or_fail(f"{module} is not installed (pip install -e '.[mlflow,test]')")
+    with MlflowServer.running(admin_password="admin-" + secrets.token_hex(12)) as server:
         yield server
 
 

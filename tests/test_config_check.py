@@ -105,6 +105,7 @@ def test_check_refuses_exactly_the_configs_the_rules_forbid(precision, backend, 
         (precision == "fp16" and (backend == "ddp" or device == "cpu"))
         or (momentum_rule is not None and optim != "sgd")
         or (backend == "deepspeed" and zero_stage == 0 and lookahead and precision in ("bf16", "fp16"))
+        or (backend == "deepspeed" and zero_stage == 0 and precision == "bf16")
         or multiple % world_size != 0  # micro x multiple over micro x world; the momentum rule's doubled batch
     )                                  # then divides too
     if forbidden:

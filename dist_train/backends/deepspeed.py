@@ -325,9 +325,17 @@ class DeepSpeedBackend(LookaheadSlowWeights, Backend):
         # finds the latest checkpoint), and the trainer's state is in the Checkpointer's rank files.
         self._engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
 
+    # ZeRO-0 replicates the optimizer state in the model file; ZeRO-1/2 partitions are re-cut by load_from.
+    resumes_at_any_world_size = True
+
     def load_from(self, directory: Path) -> None:
-        """Collective, strict: what ``save_to`` wrote, each rank reading its own optimizer partition."""
+        """Collective, strict: what ``save_to`` wrote, each rank reading its own optimizer partition; one written
+        at another world size is re-partitioned (``_load_repartitioned``)."""
         directory = Path(directory)
+        saved = _saved_zero_ranks(directory)
+        if self._engine.save_zero_checkpoint and saved and saved != self.info.world_size:
+            self._load_repartitioned(directory, saved)
+            return
         # Without this rank's optimizer file DeepSpeed would warn and restart the optimizer from the weights.
         own = (f"*zero_pp_rank_{self.info.rank}_mp_rank_*_optim_states.pt" if self._engine.save_zero_checkpoint
                else "mp_rank_*_model_states.pt")
@@ -344,6 +352,89 @@ class DeepSpeedBackend(LookaheadSlowWeights, Backend):
                                     f"DeepSpeed settings ({str(err)[:500]})") from None
         if load_path is None:
             raise _checkpoint_error(f"DeepSpeed could not load checkpoint {directory}")
+
+
+    def _load_repartitioned(self, directory: Path, saved_ranks: int) -> None:
+        """Collective: a ZeRO-1/2 checkpoint of ``saved_ranks`` ranks, loaded on this run's ranks.
+
+        Written here rather than taken from DeepSpeed: DeepSpeed 0.19 refuses to load ZeRO optimizer state at
+        another data-parallel size except from a universal checkpoint, and its converter to that format
+        (``ds_to_universal``) keeps only the fp32 weights, ``exp_avg`` and ``exp_avg_sq``: it would drop
+        Lookahead's slow weights, SGD's and QHM's momentum and RAdam's bias-correction product. So, per
+        parameter group: join every saved rank's flat partition (fp32 master weights, and each optimizer
+        state tensor of the partition's shape) in rank order, without the saved padding, and cut this rank's
+        partition out of it at the new size, as DeepSpeed lays partitions out (equal slices of the flat group,
+        zero padding at the end). The module's weights come from DeepSpeed's own module-only load; the fp32
+        master weights are the saved ones, never a round trip through bf16."""
+        engine, zero = self._engine, self._engine.optimizer
+        try:
+            engine.load_checkpoint(str(directory.parent), tag=directory.name, load_module_strict=True,
+                                   load_optimizer_states=False, load_lr_scheduler_states=False, load_module_only=True)
+        except (RuntimeError, KeyError, ValueError, AssertionError) as err:
+            raise _checkpoint_error(f"checkpoint {directory} does not fit this run's model ({str(err)[:500]})") from None
+        states = [_load_file(_zero_file(directory, r))["optimizer_state_dict"] for r in range(saved_ranks)]
+        if any(len(st["single_partition_of_fp32_groups"]) != len(zero.single_partition_of_fp32_groups) for st in states):
+            raise _checkpoint_error(f"checkpoint {directory} has another number of parameter groups than this run")
+        aligned = [st.get("param_alignment_paddings") for st in states] + [zero.round_robin_bit16_padding]
+        if any(any(any(group) for group in paddings or ()) for paddings in aligned):
+            raise _checkpoint_error(f"checkpoint {directory}: zero_optimization.parameter_alignment pads each "
+                                    f"parameter, and such a checkpoint resumes only on the {saved_ranks} ranks that "
+                                    f"wrote it")
+        rank, world = self.info.rank, self.info.world_size
+        inner = zero.optimizer  # the client optimizer, stepping this rank's flat partitions
+        for i, current in enumerate(zero.single_partition_of_fp32_groups):
+            size = current.numel()
+
+            def mine(tensors: list[torch.Tensor], paddings: list[int]) -> torch.Tensor:
+                whole = torch.cat([t.flatten()[:t.numel() - pad] for t, pad in zip(tensors, paddings)])
+                if whole.numel() > size * world:
+                    raise _checkpoint_error(f"checkpoint {directory}: parameter group {i} holds {whole.numel()} "
+                                            f"values, more than this run's model has")
+                padded = torch.zeros(size * world, dtype=whole.dtype)
+                padded[:whole.numel()] = whole
+                return padded[rank * size:(rank + 1) * size]
+
+            # The fp32 partitions were saved without their padding; the optimizer state with it.
+            current.data.copy_(mine([st["single_partition_of_fp32_groups"][i] for st in states],
+                                    [0] * saved_ranks))
+            groups = [st["base_optimizer_state"] for st in states]
+            paddings = [st["group_paddings"][i] for st in states]
+            flat = inner.param_groups[i]["params"][0]
+            state = {}
+            for key, first in groups[0]["state"][i].items():
+                values = [g["state"][i][key] for g in groups]
+                partitioned = torch.is_tensor(first) and all(
+                    v.numel() == st["single_partition_of_fp32_groups"][i].numel() + pad
+                    for v, st, pad in zip(values, states, paddings))
+                state[key] = (mine(values, paddings).to(flat.device, flat.dtype) if partitioned
+                              else first)  # a per-group number (RAdam's step): the same on every saved rank
+            inner.state[flat] = state
+            for key, value in groups[0]["param_groups"][i].items():
+                if key != "params":
+                    inner.param_groups[i][key] = value
+        zero.loss_scaler = states[0].get("loss_scaler", zero.loss_scaler)
+        zero._link_all_hp_params()
+        zero.update_lp_params()  # collective: the module from the restored fp32 master weights
+        model_file = _load_file(directory / "mp_rank_00_model_states.pt")
+        engine.global_steps, engine.skipped_steps = model_file["global_steps"], model_file["skipped_steps"]
+        engine.global_samples = model_file.get("global_samples", engine.global_samples)
+
+
+def _zero_file(directory: Path, rank: int) -> Path:
+    found = sorted(directory.glob(f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt"))
+    if len(found) != 1:
+        raise _checkpoint_error(f"checkpoint {directory} has {len(found)} optimizer files of rank {rank}, not 1")
+    return found[0]
+
+
+def _saved_zero_ranks(directory: Path) -> int:
+    """How many ranks wrote the ZeRO optimizer partitions in ``directory`` (0: none, ZeRO-0)."""
+    return len(list(directory.glob("*zero_pp_rank_*_mp_rank_*_optim_states.pt")))
+
+
+def _load_file(path: Path) -> Any:
+    # Inside the trainer's weights_only_loading: DeepSpeed's record types are allowed, nothing else.
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _ensure_process_group(info: DistInfo) -> None:

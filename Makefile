@@ -12,7 +12,7 @@ export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 DEMO_DEBS := dataset-fashion-mnist curl
-TEST_DEBS := dataset-fashion-mnist curl iproute2 slurm-wlm slurmctld slurmd slurm-client slurmdbd munge mariadb-server postgresql
+TEST_DEBS := dataset-fashion-mnist curl iproute2 util-linux mount slurm-wlm slurmctld slurmd slurm-client slurmdbd munge mariadb-server postgresql
 
 .PHONY: demo test lint venv debs-demo debs-test bench clean
 

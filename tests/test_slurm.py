@@ -1,4 +1,8 @@
-"""The SLURM launcher on a real single-node cluster (slurmctld, slurmd, slurmdbd, munge, mariadb).
+"""The SLURM launcher on a real two-node cluster (slurmctld, slurmdbd, munge, mariadb; one slurmd on each of
+two hosts, network namespaces with addresses of their own: tests/infra/slurm_cluster.py).
+
+The training jobs run one rank on each node, so their gloo process group, their checkpoints and their
+preemption go across the two hosts' link; the probe jobs run on one node.
 
 Jobs go through the launcher's own code path: ``plan_jobs`` -> ``make_executor`` -> ``submit``
 -> ``follow``. ``ENTRY`` is what every task runs instead of the trainer: a probe that forms
@@ -184,8 +188,9 @@ def _train_overrides(shards, tmp_path, *, max_steps, every):
 
 
 def _submit_training(cluster, shards, tmp_path, *, max_steps, every):
-    """The demo config as a 2-task CPU job through the launcher's own plan -> executor -> submit path."""
-    res = slurm.SlurmResources(time_min=5, partition=cluster.partition, tasks_per_node=2)
+    """The demo config as a CPU job of 2 nodes x 1 task through the launcher's own plan -> executor -> submit
+    path (``dist-train launch slurm --nodes 2``)."""
+    res = slurm.SlurmResources(time_min=5, partition=cluster.partition, nodes=2, tasks_per_node=1)
     jobs = slurm.plan_jobs(str(REPO / "configs/demo.yaml"),
                            _train_overrides(shards, tmp_path, max_steps=max_steps, every=every), world_size=2)
     return slurm.submit(slurm.make_executor("slurm", tmp_path / "slurm" / "%j", res), jobs)
@@ -204,9 +209,16 @@ def test_two_task_training_job_completes_and_is_tracked(slurm_cluster, small_sha
     handles = _submit_training(slurm_cluster, small_shards, tmp_path, max_steps=6, every=3)
     summaries = _results(handles[0], slurm_cluster, timeout_s=300)
     assert [s["step"] for s in summaries] == [6, 6] and [s["is_main"] for s in summaries] == [True, False]
+    assert _nodes_of(slurm_cluster, handles[0].job_id) == set(slurm_cluster.nodes)  # one rank on each host
     steps, run = _logged_steps(tmp_path)
     assert steps == [1, 2, 3, 4, 5, 6] and run.info.status == "FINISHED"
     assert run.data.params["world_size"] == "2" and "eval/acc1" in run.data.metrics
+
+
+def _nodes_of(cluster, job_id: str) -> set[str]:
+    """The nodes the job's tasks ran on, as SLURM recorded them."""
+    listed = cluster.cli("sacct", "--noheader", "--parsable2", "--format=NodeList", "-X", "-j", job_id).split()
+    return set(cluster.cli("scontrol", "show", "hostnames", listed[-1]).split())
 
 
 def _wait_for_logged_step(tmp_path, handle, step, *, timeout_s=240):
@@ -245,6 +257,7 @@ def test_a_preempted_training_job_without_periodic_checkpoints_resumes_within_on
         slurm_cluster.cli("scontrol", "requeue", handles[0].job_id)
     summaries = _results(handles[0], slurm_cluster, timeout_s=400)
     assert [s["step"] for s in summaries] == [40, 40]
+    assert _nodes_of(slurm_cluster, handles[0].job_id) == set(slurm_cluster.nodes)
     # The checkpoint was written after the step in flight when the signal came: nothing before it is redone.
     resumed_at = _resumed_at(handles[0])
     print(f"{how}: signalled after step {signalled_after} was logged; resumed at step {resumed_at}")

@@ -1,10 +1,14 @@
-"""A real single-node SLURM cluster, with accounting, started from Debian's packages.
+"""A real SLURM cluster, with accounting, started from Debian's packages: one node, or two real hosts.
 
 ``SlurmCluster.running()`` brings up, in one temp dir and on loopback ports:
 
     munged -> mariadbd (private datadir) -> slurmdbd -> slurmctld -> slurmd
 
-and yields once ``sinfo`` shows the node idle and ``sacct`` answers. ``SLURM_CONF`` is exported
+and yields once ``sinfo`` shows the node idle and ``sacct`` answers. ``running(hosts=bridged_hosts(2, ...))``
+runs one slurmd in each host's network namespace instead (nodes ``dt-node0``, ``dt-node1``, each at its own
+address): the controller listens on the root namespace's address on the hosts' bridge, the head node of this
+cluster, while munged, mariadbd and slurmdbd stay on loopback, where only the controller talks to them (munge
+goes through a socket file, which every namespace sees). A TaskProlog points gloo at each host's veth. ``SLURM_CONF`` is exported
 for the clients (sbatch, sacct, scontrol) that submitit calls. Accounting is not optional:
 submitit reads job states from ``sacct``, and without it a cancelled job never reaches
 ``done()``. On the way out, jobs are cancelled, every daemon is stopped by the PID in its pid
@@ -31,6 +35,7 @@ import pytest
 
 from infra import skip_or_fail
 from infra.daemons import Daemon, DaemonError, free_port, log_tail, port_open, spawn, stop, wait_until
+from infra.netns import Hosts, bridged_hosts
 
 BINARIES = ("munged", "mungekey", "mariadb-install-db", "mariadbd", "mariadb", "slurmdbd", "slurmctld", "slurmd",
             "sbatch", "srun", "sinfo", "squeue", "sacct", "sacctmgr", "scontrol", "scancel")
@@ -59,6 +64,16 @@ class SlurmCluster:
     ports: dict[str, int]
     daemons: list[Daemon] = field(default_factory=list)
     partition: str = PARTITION
+    hosts: Hosts | None = None
+    """The compute hosts (network namespaces); None: one node, this machine, on loopback."""
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return self.hosts.hostnames if self.hosts else (self.hostname,)
+
+    @property
+    def controller_address(self) -> str:
+        return self.hosts.root_address if self.hosts and self.hosts.root_address else "127.0.0.1"
 
     @property
     def conf(self) -> Path:
@@ -84,14 +99,15 @@ class SlurmCluster:
 
     @classmethod
     @contextlib.contextmanager
-    def running(cls, *, start_timeout_s: float = 60.0) -> Iterator["SlurmCluster"]:
+    def running(cls, *, start_timeout_s: float = 60.0, hosts: Hosts | None = None) -> Iterator["SlurmCluster"]:
         reason = unavailable_reason()
         if reason:
             raise DaemonError(reason)
         root = Path(tempfile.mkdtemp(prefix="slurm-cluster-"))
         root.chmod(0o755)  # munged insists that its socket's directories are not private to one user
-        cluster = cls(root=root, hostname=socket.gethostname().split(".")[0], cpus=len(os.sched_getaffinity(0)),
-                      ports={name: free_port() for name in ("mariadb", "slurmdbd", "slurmctld", "slurmd")})
+        cluster = cls(root=root, hostname=controller_name(), cpus=len(os.sched_getaffinity(0)),
+                      ports={name: free_port() for name in ("mariadb", "slurmdbd", "slurmctld", "slurmd")},
+                      hosts=hosts)
         previous_conf = os.environ.get("SLURM_CONF")
         try:
             cluster._start(start_timeout_s)
@@ -160,13 +176,23 @@ class SlurmCluster:
             f"StorageLoc={DB_NAME}",
         ]
         memory_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.9)
+        addresses = self.hosts.addresses if self.hosts else ("127.0.0.1",)
+        nodes = [f"NodeName={name} NodeAddr={address} CPUs={self.cpus} RealMemory={memory_mb} State=UNKNOWN"
+                 for name, address in zip(self.nodes, addresses)]
+        prolog = []
+        if self.hosts:  # every task runs on a host: gloo must use its veth, not the loopback its name may map to
+            script = r / "etc" / "task_prolog.sh"
+            script.write_text(f"#!/bin/sh\necho export GLOO_SOCKET_IFNAME={self.hosts.ifname}\n")
+            script.chmod(0o755)
+            prolog = [f"TaskProlog={script}"]
         slurm = [
-            f"ClusterName={CLUSTER_NAME}", f"SlurmctldHost={self.hostname}(127.0.0.1)",
+            f"ClusterName={CLUSTER_NAME}", f"SlurmctldHost={self.hostname}({self.controller_address})",
             f"SlurmctldPort={self.ports['slurmctld']}", f"SlurmdPort={self.ports['slurmd']}",
             *auth, "CredType=cred/munge", "SlurmUser=root", "SlurmdUser=root", "MpiDefault=none",
-            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool", f"TmpFS={r}/tmp",
-            f"SlurmctldPidFile={r}/run/slurmctld.pid", f"SlurmdPidFile={r}/run/slurmd.pid",
-            f"SlurmctldLogFile={r}/log/slurmctld.log", f"SlurmdLogFile={r}/log/slurmd.log",
+            # %n: each node's slurmd its own spool, pid and log file on the shared filesystem.
+            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool/%n", f"TmpFS={r}/tmp",
+            f"SlurmctldPidFile={r}/run/slurmctld.pid", f"SlurmdPidFile={r}/run/slurmd-%n.pid",
+            f"SlurmctldLogFile={r}/log/slurmctld.log", f"SlurmdLogFile={r}/log/slurmd-%n.log", *prolog,
             # No systemd or cgroups here: track processes by parentage, bind nothing.
             "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
@@ -176,8 +202,8 @@ class SlurmCluster:
             # The slurmctld <-> slurmdbd link ignores AuthInfo; it reads the munge socket from here.
             f"AccountingStoragePass={self.munge_socket}",
             "JobRequeue=1", "MinJobAge=2", "KillWait=60", "ReturnToService=2", "MailProg=/bin/true",
-            f"NodeName={self.hostname} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={memory_mb} State=UNKNOWN",
-            f"PartitionName={self.partition} Nodes={self.hostname} Default=YES MaxTime=INFINITE State=UP",
+            *nodes,
+            f"PartitionName={self.partition} Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
         ]
         dbd_conf = r / "etc" / "slurmdbd.conf"
         dbd_conf.write_text("\n".join(dbd) + "\n")
@@ -195,16 +221,20 @@ class SlurmCluster:
         env = self.env()
         self.daemons.append(spawn("slurmctld", ["slurmctld", "-D", "-i"], log=self.root / "log" / "slurmctld.out",
                                   pid_file=self.root / "run" / "slurmctld.pid", env=env))
-        self.daemons.append(spawn("slurmd", ["slurmd", "-D", "-N", self.hostname],
-                                  log=self.root / "log" / "slurmd.out", pid_file=self.root / "run" / "slurmd.pid",
-                                  env=env))
-        wait_until(self._node_idle, what=f"node {self.hostname} idle in sinfo", timeout_s=timeout_s,
+        for i, node in enumerate(self.nodes):
+            (self.root / "spool" / node).mkdir()
+            argv = ["slurmd", "-D", "-N", node]
+            if self.hosts:  # in the host's namespace, under its hostname
+                argv = self.hosts.command(i, argv, env={"SLURM_CONF": str(self.conf)})
+            self.daemons.append(spawn(f"slurmd-{node}", argv, log=self.root / "log" / f"slurmd-{node}.out",
+                                      pid_file=self.root / "run" / f"slurmd-{node}.pid", env=env))
+        wait_until(self._node_idle, what=f"nodes {', '.join(self.nodes)} idle in sinfo", timeout_s=timeout_s,
                    daemons=tuple(self.daemons), interval_s=0.2)
         wait_until(self._sacct_answers, what="sacct", timeout_s=timeout_s, daemons=tuple(self.daemons))
 
     def _node_idle(self) -> bool:
         out = self.cli("sinfo", "--noheader", "--Node", "--format=%N %t", check=False, timeout_s=5)
-        return f"{self.hostname} idle" in out
+        return all(f"{node} idle" in out for node in self.nodes)
 
     def _sacct_answers(self) -> bool:
         done = subprocess.run(["sacct", "--noheader", "--allusers", "--starttime=now-1hour"], env=self.env(),
@@ -216,25 +246,29 @@ class SlurmCluster:
     def _shutdown(self) -> None:
         """Cancel jobs, then stop the daemons in reverse start order. Never raises."""
         running = {d.name for d in self.daemons if d.proc.poll() is None}
-        if {"slurmctld", "slurmd"} <= running:
+        if "slurmctld" in running and any(name.startswith("slurmd-") for name in running):
             with contextlib.suppress(Exception):
                 self.cli("scancel", f"--cluster={CLUSTER_NAME}", "--full", "--user=root", check=False, timeout_s=10)
                 wait_until(lambda: not self.cli("squeue", "--noheader", check=False, timeout_s=5).strip(),
                            what="cancelled jobs to end", timeout_s=10, interval_s=0.2)
-        by_name = {d.name: d for d in self.daemons}
-        # slurmd and slurmctld together, then what they depend on.
-        for group in (("slurmd", "slurmctld"), ("slurmdbd",), ("mariadbd",), ("munged",)):
+        # The slurmds and slurmctld together, then what they depend on.
+        for group in (("slurmd-", "slurmctld"), ("slurmdbd",), ("mariadbd",), ("munged",)):
             try:
-                stop([by_name[n] for n in group if n in by_name], timeout_s=10)
+                stop([d for d in self.daemons if d.name.startswith(group)], timeout_s=10)
             except Exception as err:  # keep going: the remaining daemons must stop too
                 print(f"stopping {group} failed: {err!r}", file=sys.stderr)
 
 
+def controller_name() -> str:
+    return socket.gethostname().split(".")[0]
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
-    """A running private SLURM cluster for the whole session; skipped without root or the packages."""
+    """A running private SLURM cluster of two hosts (network namespaces) for the whole session, which every
+    SLURM test shares; skipped without root or the packages."""
     reason = unavailable_reason()
     if reason:
         skip_or_fail(reason)
-    with SlurmCluster.running() as cluster:
+    with bridged_hosts(2, root_name=controller_name()) as hosts, SlurmCluster.running(hosts=hosts) as cluster:
         yield cluster

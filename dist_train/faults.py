@@ -111,14 +111,27 @@ class StepFlags:
     """...and to be requeued (SIGUSR2)."""
     checkpoint: bool
     """Rank 0's clock says a time-based checkpoint is due."""
+    grow: bool = False
+    """The adaptive batch grows after this step (B_simple above the threshold, compared on the device)."""
 
 
 def step_flags(*, loss_sum: torch.Tensor, grads_finite: torch.Tensor | None = None,
-               preemption: PreemptionFlag | None = None, checkpoint_due: bool = False, all_reduce) -> StepFlags:
-    """The flags of every rank, agreed with one all-reduce (MAX) of four numbers: the step's one host sync."""
+               preemption: PreemptionFlag | None = None, checkpoint_due: bool = False,
+               grow: torch.Tensor | None = None, all_reduce) -> StepFlags:
+    """The flags of every rank, agreed with one all-reduce (MAX) of five numbers: the step's one host sync.
+
+    Kept on purpose (docs/performance.md, "Host syncs"): every rank must know before the optimizer step
+    whether to skip it, and before the next step whether to stop, so that a preemption loses at most one
+    step and a non-finite step is skipped everywhere. ``grow`` (a device bool: the adaptive batch's
+    decision) rides along, so that decision costs no sync of its own."""
+    device = loss_sum.device
     finite = torch.isfinite(loss_sum) if grads_finite is None else torch.isfinite(loss_sum) & grads_finite
-    local = [float(bool(preemption and preemption.requested)), float(bool(preemption and preemption.requeue)),
-             float(checkpoint_due)]
-    flags = torch.cat([(~finite).float().reshape(1), torch.tensor(local, device=loss_sum.device)])
-    nonfinite, stop, requeue, checkpoint = all_reduce(flags, torch.distributed.ReduceOp.MAX).tolist()
-    return StepFlags(nonfinite=bool(nonfinite), stop=bool(stop), requeue=bool(requeue), checkpoint=bool(checkpoint))
+    local = torch.tensor([float(bool(preemption and preemption.requested)),
+                          float(bool(preemption and preemption.requeue)), float(checkpoint_due)])
+    if device.type == "cuda":  # a pinned source: the copy is queued on the stream, the host does not wait
+        local = local.pin_memory().to(device, non_blocking=True)
+    wants_growth = grow if grow is not None else torch.zeros((), dtype=torch.bool, device=device)
+    flags = torch.cat([(~finite).float().reshape(1), local, wants_growth.float().reshape(1)])
+    nonfinite, stop, requeue, checkpoint, grows = all_reduce(flags, torch.distributed.ReduceOp.MAX).tolist()
+    return StepFlags(nonfinite=bool(nonfinite), stop=bool(stop), requeue=bool(requeue), checkpoint=bool(checkpoint),
+                     grow=bool(grows))

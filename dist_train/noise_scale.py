@@ -82,7 +82,8 @@ class GradientNoiseScale:
         """Fold in one optimizer step's measurement (call it on every rank: the values agree)."""
         g2, trace = unbiased_estimates(measurement)
         device = g2.device if isinstance(g2, torch.Tensor) else self._state.device
-        new = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in (g2, trace, 1.0)])
+        g2, trace = (torch.as_tensor(v, dtype=torch.float64, device=device) for v in (g2, trace))
+        new = torch.stack([g2, trace, torch.ones_like(g2)])  # no host constant copied to the device
         state = self._state.to(device)
         decayed = self.ema_decay * state + (1.0 - self.ema_decay) * new
         self._state = torch.where(torch.isfinite(new).all(), decayed, state)
@@ -110,6 +111,14 @@ class GradientNoiseScale:
         if avg is None or avg[0] <= 0.0:
             return None
         return avg[1] / avg[0]
+
+    def b_simple_exceeds(self, threshold: float) -> torch.Tensor:
+        """``b_simple > threshold`` as a 0-dim bool tensor on the state's device, without reading it on the
+        host; False where ``b_simple`` is None. The same float64 operations as the property, so the answer
+        is the one the host would give."""
+        g2, trace, weight = self._state.unbind()
+        defined = (weight != 0) & (g2 / weight > 0)
+        return defined & ((trace / weight) / (g2 / weight) > threshold)
 
     def metrics(self, prefix: str = "noise_scale/") -> dict[str, float]:
         """The defined values among grad_sq_norm, trace_cov and b_simple, for a tracker."""

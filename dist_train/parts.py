@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # the annotations only: importing these at run time would pull in torch and mlflow
+    import torch
+
     from dist_train.backends import Backend
     from dist_train.checkpoint import Checkpointer
     from dist_train.noise_scale import NoiseMeasurement
@@ -52,6 +54,10 @@ class NoiseEstimator(Stateful, Protocol):
     @property
     def b_simple(self) -> float | None: ...
 
+    def b_simple_exceeds(self, threshold: float) -> torch.Tensor:
+        """``b_simple > threshold`` as a device bool, not read on the host."""
+        ...
+
     def metrics(self) -> dict[str, float]: ...
 
 
@@ -62,6 +68,12 @@ class BatchController(Stateful, Protocol):
     def global_batch_size(self) -> int: ...
 
     def update(self, *, step: int, b_simple: float | None) -> bool: ...
+
+    def threshold_at(self, step: int) -> float | None:
+        """The B_simple above which the batch grows after ``step``; None when it cannot grow then."""
+        ...
+
+    def grow(self, step: int) -> None: ...
 
 
 def _null_tracker() -> Tracker:

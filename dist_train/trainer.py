@@ -171,7 +171,7 @@ class Trainer:
                 while not self._done():
                     state = self._schedule_state()
                     flags = self.train_step(state, preemption=preemption)
-                    self._after_step(state, checkpoint_now=flags.checkpoint, stopping=flags.stop)
+                    self._after_step(state, flags)
                     if flags.stop:
                         path = self.save_checkpoint()  # collective: every rank has written its part
                         raise Preempted(f"stopped at step {self.progress.step} on a preemption signal; "
@@ -188,11 +188,12 @@ class Trainer:
         return {**last_eval, "step": self.progress.step, "samples_seen": self.progress.samples_seen,
                 "epoch": self._epoch(), "skipped_steps": self.progress.skipped_steps}
 
-    def _after_step(self, state: ScheduleState, *, checkpoint_now: bool = False, stopping: bool = False) -> None:
-        """Batch-size decision, logging, evaluation and checkpoints due after a step (``checkpoint_now``: the
-        time-based one rank 0 called for; ``stopping``: the caller saves the checkpoint itself)."""
-        if self.batch_controller is not None and self.noise is not None:  # adaptive mode needs both
-            self.batch_controller.update(step=self.progress.step, b_simple=self.noise.b_simple)
+    def _after_step(self, state: ScheduleState, flags: StepFlags) -> None:
+        """Batch-size decision, logging, evaluation and checkpoints due after a step (``flags.checkpoint``: the
+        time-based one rank 0 called for; ``flags.stop``: the caller saves the checkpoint itself)."""
+        checkpoint_now, stopping = flags.checkpoint, flags.stop
+        if flags.grow and self.batch_controller is not None:  # decided on the device, read with the flags
+            self.batch_controller.grow(self.progress.step)
         if self.progress.step % self.cfg.log_every_steps == 0 or self._done():
             tic, samples_at_tic = self._tic
             rate = (self.progress.samples_seen - samples_at_tic) / max(time.perf_counter() - tic, 1e-9)
@@ -226,7 +227,9 @@ class Trainer:
         step_loss = torch.zeros((), device=backend.info.device)
         for i in range(accum_steps):
             batch = self._next_micro_batch()
-            images, labels = self.normalise(batch["image"]), batch["label"].to(backend.info.device)
+            # non_blocking: from the loader's pinned memory the copy is queued, not waited for (GPU)
+            images = self.normalise(batch["image"])
+            labels = batch["label"].to(backend.info.device, non_blocking=True)
             with backend.grad_sync(i == accum_steps - 1):
                 with backend.autocast():
                     logits = backend.model(images)
@@ -243,7 +246,8 @@ class Trainer:
         # gradients are checked first, so that a finite loss with non-finite gradients is caught too.
         # Read the signal flag now, not when the step began: a signal during the step stops after it.
         flags = step_flags(loss_sum=step_loss, grads_finite=backend.grads_finite(), preemption=preemption,
-                           checkpoint_due=self._minutes_checkpoint_due(), all_reduce=backend.all_reduce)
+                           checkpoint_due=self._minutes_checkpoint_due(), grow=self._growth_wanted(),
+                           all_reduce=backend.all_reduce)
         if flags.nonfinite:
             self._on_nonfinite_loss()
         else:
@@ -251,6 +255,13 @@ class Trainer:
         self.progress.step += 1
         self.progress.samples_seen += state.global_batch_size
         return flags
+
+    def _growth_wanted(self) -> torch.Tensor | None:
+        """The adaptive batch's decision after this step, as a device bool (None: no decision due)."""
+        if self.batch_controller is None or self.noise is None:  # adaptive mode needs both
+            return None
+        threshold = self.batch_controller.threshold_at(self.progress.step + 1)
+        return None if threshold is None else self.noise.b_simple_exceeds(threshold)
 
     def _on_nonfinite_loss(self) -> None:
         if self.cfg.nonfinite_loss == "stop":
@@ -341,8 +352,10 @@ class _MetricWindow:
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, bad_samples: torch.Tensor) -> None:
         n = labels.numel()
         correct = (logits.argmax(dim=1) == labels).sum()
-        self.sums += torch.stack([loss.double() * n, correct.double(), torch.tensor(float(n), device=self.device,
-                                  dtype=torch.float64), bad_samples.to(self.device).double(),
+        # torch.full writes n in a kernel; torch.tensor(n, device=...) would copy it from the host and wait.
+        self.sums += torch.stack([loss.double() * n, correct.double(),
+                                  torch.full((), n, device=self.device, dtype=torch.float64),
+                                  bad_samples.to(self.device, non_blocking=True).double(),
                                   torch.ones((), device=self.device, dtype=torch.float64)])
 
     def reduce(self, backend: Backend) -> dict[str, float]:

@@ -66,8 +66,8 @@ def _adaptive(rank, world_size):
     for _ in range(10):
         state = trainer._schedule_state()
         before = trainer.progress.samples_seen
-        trainer.train_step(state)
-        trainer._after_step(state)
+        flags = trainer.train_step(state)
+        trainer._after_step(state, flags)  # the decision came back with the step's flags
         assert trainer.progress.samples_seen - before == state.global_batch_size
         sizes.append(state.global_batch_size)
     return sizes, trainer.noise.b_simple

@@ -15,6 +15,8 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from multiproc import run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -235,3 +237,15 @@ def test_ddp_probe_on_two_ranks_matches_reference_and_recovers_the_noise_scale()
     est.load_state_dict(outs[0]["state"])
     assert_close_to_truth(est)
     assert math.isfinite(est.b_simple)
+
+
+@settings(max_examples=200, deadline=None)
+@given(g2=st.floats(-1e3, 1e3), trace=st.floats(0, 1e6), weight=st.sampled_from([0.0, 0.01, 0.5, 1.0]),
+       threshold=st.floats(0, 1e4))
+def test_the_device_side_growth_test_answers_as_the_host_would(g2, trace, weight, threshold):
+    # The trainer compares B_simple with the threshold on the device and reads the answer with the step's
+    # flags; it must be the host's answer, boundary cases (undefined B_simple, |G|^2 <= 0) included.
+    noise = GradientNoiseScale()
+    noise._state = torch.tensor([g2 * weight, trace * weight, weight], dtype=torch.float64)
+    host = noise.b_simple is not None and noise.b_simple > threshold
+    assert bool(noise.b_simple_exceeds(threshold)) == host

@@ -52,16 +52,29 @@ class BatchSizeController:
         """
         if b_simple is None or not math.isfinite(b_simple):
             return False
+        threshold = self.threshold_at(step)
+        if threshold is None or b_simple <= threshold:
+            return False
+        self.grow(step)
+        return True
+
+    def threshold_at(self, step: int) -> float | None:
+        """The B_simple above which the batch grows after optimizer step ``step``; None when it cannot grow
+        then (too soon after the last growth, or at the cap). The trainer compares on the device
+        (``GradientNoiseScale.b_simple_exceeds``) and reads the answer with the step's flags: no host sync of
+        its own."""
         if step - self._last_growth_step < self.cfg.min_steps_between_growths:
-            return False
+            return None
         batch = self._global_batch_size
-        if batch >= self.max_global_batch_size or b_simple <= self.cfg.margin * batch:
-            return False
+        return None if batch >= self.max_global_batch_size else self.cfg.margin * batch
+
+    def grow(self, step: int) -> None:
+        """Grow the batch after optimizer step ``step`` (the caller found B_simple above ``threshold_at``)."""
+        batch = self._global_batch_size
         grown = max(round_to_granularity(batch * self.cfg.growth_factor, batch_granularity=self.batch_granularity),
                     batch + self.batch_granularity)
         self._global_batch_size = min(grown, self.max_global_batch_size)
         self._last_growth_step = step
-        return True
 
     def state_dict(self) -> dict[str, Any]:
         return {"global_batch_size": self._global_batch_size, "last_growth_step": self._last_growth_step}

@@ -10,9 +10,10 @@ export OMP_NUM_THREADS ?= 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
 DEMO_DEBS := dataset-fashion-mnist curl
-TEST_DEBS := dataset-fashion-mnist curl iproute2 util-linux mount slurm-wlm slurmctld slurmd slurm-client slurmdbd munge mariadb-server postgresql
+TEST_DEBS := dataset-fashion-mnist curl iproute2 util-linux mount g++ python3-dev slurm-wlm slurmctld slurmd slurm-client slurmdbd munge mariadb-server postgresql
 
 .PHONY: demo test lint venv debs-demo debs-test bench clean
 

@@ -62,3 +62,15 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3, width: int
         return model
     raise ValueError(f"model.name={name!r} is not known; use resnet18, resnet34, resnet50, resnet101 "
                      f"or cifar_resnet<6n+2> such as cifar_resnet20")
+
+
+def compile_in_place(model: nn.Module) -> nn.Module:
+    """``torch.compile`` the model's forward in place (``nn.Module.compile``), before any backend wraps it.
+
+    In place, not ``torch.compile(model)``: that returns an ``OptimizedModule`` whose state_dict keys carry an
+    ``_orig_mod.`` prefix, which checkpoints, ``export`` and other tools would then see. The backward is
+    compiled with the forward (AOTAutograd); DDP's gradient hooks and the noise-scale probes' tensor hooks sit
+    on the parameters and fire as in eager mode. The first steps (and the first evaluation, which changes
+    BatchNorm's mode) pay the compile; docs/performance.md has what it buys on CPU."""
+    model.compile()
+    return model

@@ -43,6 +43,7 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
 
     check(cfg, world_size=info.world_size)  # also for callers that skip run()
     seed_everything(cfg.train.seed)
+    configure_cuda(cfg, info.device)
     manifest = load_manifest(cfg.data.shards, cfg.data.shard_url,
                              allow_pipe_from_remote_manifest=cfg.data.allow_pipe_from_remote_manifest)
     run_dir = Path(cfg.train.run_dir)
@@ -64,6 +65,14 @@ def train(cfg: Config, info: Any) -> dict[str, Any]:
                            log_model=cfg.tracking.enabled and cfg.tracking.log_model)
 
 
+def configure_cuda(cfg: Config, device: Any) -> None:
+    """cuDNN's autotuner on CUDA (``train.cudnn_benchmark``); nothing on CPU."""
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+
+
 def _precision(cfg: Config, info: Any, *, recorded: str | None) -> Precision:
     """``train.precision`` resolved for this device, before the backend exists (DeepSpeed casts the model at
     set-up); a resumed run keeps the precision its checkpoint records (docs/cpu.md)."""
@@ -82,7 +91,7 @@ def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Preci
     from dist_train.cpu import apply_memory_format
     from dist_train.data import loader
     from dist_train.distributed import data_seed
-    from dist_train.models import build_model
+    from dist_train.models import build_model, compile_in_place
     from dist_train.optim import build_optimizer, set_hyperparams
     from dist_train.parts import TrainerParts
     from dist_train.schedule import Schedule, optimizer_family
@@ -92,6 +101,8 @@ def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Preci
     model = build_model(cfg.model.name, num_classes=len(manifest["classes"]),
                         in_channels=manifest["image"]["channels"], width=cfg.model.width)
     apply_memory_format(model, channels_last=cfg.model.channels_last, device=info.device)  # CPU-safe: docs/cpu.md
+    if cfg.model.compile:
+        compile_in_place(model)
     backend = build_backend(cfg.backend.name, info, micro_batch_size=cfg.train.micro_batch_size,
                             **cfg.backend.options(replace(cfg.train, precision=precision)))
     backend.setup(model, lambda m: build_optimizer(m, cfg.optim, shard=cfg.backend.shard_optimizer_state))

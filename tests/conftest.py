@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Fixture modules; a test names a fixture as an argument and pytest finds it here (no import needed).
 pytest_plugins = ["fixtures_data", "infra.mlflow_server", "infra.slurm_cluster"]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+# torch.compile's generated kernels: compiled once per checkout, not once per test process (nor in ~/.cache).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO / ".cache" / "inductor"))
 
 
 def pytest_collection_modifyitems(config, items):

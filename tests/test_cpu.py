@@ -202,3 +202,16 @@ def test_a_fresh_auto_run_on_this_cpu_records_what_the_cpu_supports(small_shards
         _train(small_shards, tmp_path, "train.precision=auto", "train.max_steps=1")
     assert _recorded(tmp_path) == ["bf16" if cpu.native_bf16() else "fp32"]
     assert "emulated" not in caplog.text
+
+
+def test_cudnn_benchmark_follows_the_config_on_cuda_only(monkeypatch):
+    from dist_train.config import load_config
+    from dist_train.train import configure_cuda
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    configure_cuda(load_config(None, []), torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False  # nothing on CPU
+    configure_cuda(load_config(None, []), torch.device("cuda"))  # the flag only; no GPU needed to set it
+    assert torch.backends.cudnn.benchmark is True  # on by default
+    configure_cuda(load_config(None, ["train.cudnn_benchmark=false"]), torch.device("cuda"))
+    assert torch.backends.cudnn.benchmark is False

@@ -24,6 +24,7 @@ def check(cfg: Config, world_size: int | None = None) -> None:
     momentum rule's, each milestone's, the cap, the adaptive ladder) must divide into micro-batches over
     that many ranks. Without it only the rules that hold at any world size are checked."""
     _check_precision(cfg)
+    _check_compile(cfg)
     _check_optimizer_and_schedule(cfg)
     if world_size is not None:
         _check_batches(cfg, world_size)
@@ -46,6 +47,12 @@ def _check_precision(cfg: Config) -> None:
         raise ConfigError(f"optim.lookahead with backend.zero_stage=0 and train.precision={precision}: DeepSpeed "
                           f"keeps the fp32 weights where Lookahead's slow weights cannot be evaluated; use "
                           f"backend.zero_stage=1 or 2, or train.precision=fp32")
+
+
+def _check_compile(cfg: Config) -> None:
+    if cfg.model.compile and cfg.backend.name == "deepspeed":
+        raise ConfigError("model.compile=true with backend.name=deepspeed: not built yet (DeepSpeed's ZeRO hooks on "
+                          "a compiled module are untested here); use backend.name=ddp, or model.compile=false")
 
 
 def _check_optimizer_and_schedule(cfg: Config) -> None:

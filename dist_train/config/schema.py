@@ -58,6 +58,9 @@ class ModelConfig:
     the few convolutions that oneDNN mishandles in it stay in the default layout (docs/cpu.md)."""
     width: int = 16
     """Channels in the first stage of a CIFAR-style ResNet (ignored by torchvision models)."""
+    compile: bool = False
+    """``torch.compile`` the model (inductor; on CPU it needs g++ and Python's headers). DDP only for now.
+    Checkpoints keep the plain parameter names. The first steps pay the compile (docs/performance.md)."""
 
     def __post_init__(self) -> None:
         if self.width < 1:
@@ -101,6 +104,10 @@ class TrainConfig:
     ``torchrun --max-restarts`` can restart it from the last checkpoint."""
     threads_per_rank: int = 0
     """torch intra-op threads per rank; 0 divides the machine's cores among the local ranks."""
+    cudnn_benchmark: bool = True
+    """On CUDA, let cuDNN time its convolution algorithms for each input shape and keep the fastest
+    (``torch.backends.cudnn.benchmark``). The micro-batch is fixed, so it times once per shape; turn it off
+    for bit-for-bit repeatable GPU runs. No effect on CPU."""
 
     def __post_init__(self) -> None:
         if self.micro_batch_size < 1 or self.global_batch_size < 1:

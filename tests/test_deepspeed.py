@@ -233,7 +233,16 @@ def _noise(rank, world_size, batches, zero_stage):
     backend = build_backend("deepspeed", info, micro_batch_size=MICRO, zero_stage=zero_stage)
     backend.setup(tiny_net(), lambda m: build_optimizer(m, RADAM))
     backend.enable_noise_scale()
-    noise, rows, per_example = GradientNoiseScale(ema_decay=0.9), [], []
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    norms, original = [], DeepSpeedZeroOptimizer.scaled_global_norm  # count ZeRO's norm reductions
+
+    def counted(self, *args, **kwargs):
+        norms.append(1)
+        return original(self, *args, **kwargs)
+
+    DeepSpeedZeroOptimizer.scaled_global_norm = counted
+    noise, rows, per_example, per_step = GradientNoiseScale(ema_decay=0.9), [], [], []
     for batch in batches:
         expected = _reference_noise(backend.module, batch, world_size=world_size)
         per_example.append(_per_example_estimates(_plain_copy(backend.module), batch))
@@ -242,12 +251,16 @@ def _noise(rank, world_size, batches, zero_stage):
             with backend.grad_sync(i == accum_steps - 1):
                 x = (micro["image"].float() - NORMALISE["mean"]) / NORMALISE["std"]
                 backend.backward(F.cross_entropy(backend.model(x), micro["label"]) / accum_steps)
+        before = len(norms)
         m = backend.noise_measurement()
         noise.update(m)
+        assert bool(backend.grads_finite())  # as the trainer asks, before the step
         backend.optimizer_step()
+        per_step.append(len(norms) - before)
         rows.append((float(m.small_sq_norm), float(m.big_sq_norm), *expected, m.small_batch_size, m.big_batch_size))
+    DeepSpeedZeroOptimizer.scaled_global_norm = original
     g2, trace = torch.tensor(per_example).mean(0).tolist()
-    return rows, noise.b_simple, trace / g2
+    return rows, noise.b_simple, trace / g2, per_step
 
 
 def _scenarios(rank, world_size, run_dir):
@@ -361,7 +374,9 @@ def test_a_bf16_run_trains(scenarios):
 # --- gradient noise scale ------------------------------------------------------------------------
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_noise_measurement_matches_gradients_computed_by_hand(scenarios, zero_stage):
-    rows, b_simple, per_example_b_simple = scenarios[0]["noise"][zero_stage]
+    rows, b_simple, per_example_b_simple, norms_per_step = scenarios[0]["noise"][zero_stage]
+    # One norm reduction per step: the noise scale, the finiteness check and DeepSpeed's clipping share it.
+    assert norms_per_step == [1] * len(rows)
     for small, big, small_ref, big_ref, b_small, b_big in rows:
         assert b_small == MICRO and b_big in (16, 32)
         assert small == pytest.approx(small_ref, rel=1e-5)

@@ -124,6 +124,7 @@ class DeepSpeedBackend(LookaheadSlowWeights, Backend):
                                        zero_stage=zero_stage, precision=precision, grad_clip_norm=grad_clip_norm,
                                        overrides=read_overrides(config_file) if config_file else None)
         self._noise: _MicroBatchGradSqNorms | None = None
+        self._zero_norm: torch.Tensor | None = None  # this step's ZeRO gradient norm, once taken
 
     # --- set-up -------------------------------------------------------------------------------
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> None:
@@ -193,6 +194,7 @@ class DeepSpeedBackend(LookaheadSlowWeights, Backend):
         overflowed fp16 step (DeepSpeed has no public call for it)."""
         from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID, DeepSpeedZeroOptimizer
 
+        self._zero_norm = None
         optimizer = self._engine.optimizer
         optimizer.zero_grad(set_to_none=True)
         if not isinstance(optimizer, DeepSpeedZeroOptimizer):
@@ -214,7 +216,9 @@ class DeepSpeedBackend(LookaheadSlowWeights, Backend):
             raise RuntimeError("optimizer_step() needs the last backward to run inside grad_sync(True); "
                                "DeepSpeed would skip the step")
         norm = self._replicated_grad_norm() if self._steps_module_directly() else None
-        self._engine.step()
+        with self._zero_norm_reused():
+            self._engine.step()
+        self._zero_norm = None
         if norm is None:
             norm = self._engine.get_global_grad_norm()  # before clipping, of the averaged gradient
         # None if a JSON override turned zero_optimization.compute_grad_norm off.
@@ -229,7 +233,36 @@ class DeepSpeedBackend(LookaheadSlowWeights, Backend):
             return torch.ones((), dtype=torch.bool, device=self.info.device)
         if self._steps_module_directly():
             return torch.isfinite(self._replicated_grad_norm())
-        return torch.isfinite(torch.as_tensor(self._engine.optimizer.scaled_global_norm()))
+        return torch.isfinite(torch.as_tensor(self._scaled_zero_norm()))
+
+    def _scaled_zero_norm(self) -> torch.Tensor:
+        """ZeRO's norm of this step's reduced gradient partitions (a collective), computed once per step: the
+        finiteness check, the noise scale and DeepSpeed's own clipping inside ``step()`` all use it."""
+        if self._zero_norm is None:
+            self._zero_norm = torch.as_tensor(self._engine.optimizer.scaled_global_norm())
+        return self._zero_norm
+
+    @contextlib.contextmanager
+    def _zero_norm_reused(self) -> Iterator[None]:
+        """Inside DeepSpeed's ``step()``, its ``scaled_global_norm()`` returns the norm this step already took.
+
+        DeepSpeed offers no way to hand it a norm, and would otherwise run the reduction and its all-reduce
+        again on unchanged gradients; the instance attribute shadows the method for the call and is removed."""
+        zero = self._engine.optimizer
+        if self._zero_norm is None or not hasattr(zero, "scaled_global_norm"):
+            yield
+            return
+        cached = self._zero_norm
+        shadowed = "scaled_global_norm" in vars(zero)
+        previous = vars(zero).get("scaled_global_norm")
+        zero.scaled_global_norm = lambda *args, **kwargs: cached
+        try:
+            yield
+        finally:
+            if shadowed:
+                zero.scaled_global_norm = previous
+            else:
+                del zero.scaled_global_norm
 
     def _steps_module_directly(self) -> bool:
         """ZeRO-0 in fp32: DeepSpeed steps our optimizer on the module's parameters and records no norm."""
@@ -277,7 +310,7 @@ class DeepSpeedBackend(LookaheadSlowWeights, Backend):
         if self._steps_module_directly():
             return self._replicated_grad_norm().square()  # DeepSpeed averaged the module's .grad in place
         # Collective: each rank's partition norm, summed over ranks; still loss-scaled.
-        return self._engine.optimizer.scaled_global_norm().float().square()
+        return self._scaled_zero_norm().float().square()
 
     def _loss_scale(self) -> float:
         return float(getattr(self._engine.optimizer, "loss_scale", 1.0)) if self.precision == "fp16" else 1.0

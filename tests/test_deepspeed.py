@@ -176,6 +176,9 @@ def _bf16(rank, world_size, batches):
         with torch.no_grad():
             logits = module(torch.randn(2, 1, 28, 28))
         out[f"{precision}_dtypes"] = (next(module.parameters()).dtype, logits.dtype)
+        bn = next(m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        out[f"{precision}_bn"] = (bn.weight.dtype, bn.running_mean.dtype, bn.running_var.dtype,
+                                  int(bn.num_batches_tracked), bn.running_mean.abs().sum().item())
     return out
 
 
@@ -365,6 +368,10 @@ def test_a_skipped_non_finite_step_leaves_no_gradient_behind(scenarios, name):
 def test_a_bf16_run_trains(scenarios):
     runs = scenarios[0]["bf16"]
     assert runs["bf16_dtypes"] == (torch.bfloat16, torch.float32)  # bf16 weights, fp32 logits
+    # BatchNorm: bf16 weight, fp32 running statistics that did move, one count per training forward
+    weight, mean, var, tracked, moved = runs["bf16_bn"]
+    assert (weight, mean, var) == (torch.bfloat16, torch.float32, torch.float32)
+    assert tracked == runs["fp32_bn"][3] > 0 and moved > 0
     assert runs["fp32_dtypes"] == (torch.float32, torch.float32)
     assert runs["bf16"][-1] < 0.8 * runs["bf16"][0]
     # bf16 forward and backward, fp32 master weights: the same run as fp32 up to bf16 rounding.
@@ -397,7 +404,7 @@ def test_json_overrides_merge_and_owned_keys_are_refused(tmp_path):
     config = deepspeed_config(micro_batch_size=8, world_size=2, zero_stage=2, precision="bf16", grad_clip_norm=1.0,
                               overrides=overrides)
     assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}  # merged, not replaced
-    assert config["data_types"] == {"buffer_dtype": "bf16", "grad_accum_dtype": "fp32"}
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"}  # buffers stay fp32
     assert config["bf16"] == {"enabled": True} and config["gradient_clipping"] == 1.0
     assert config["train_batch_size"] == 16 and config["zero_force_ds_cpu_optimizer"] is False
     with pytest.raises(ValueError, match="train.micro_batch_size"):

@@ -73,9 +73,9 @@ def deepspeed_config(*, micro_batch_size: int, world_size: int, zero_stage: int,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},  # 0: dynamic
         "gradient_clipping": grad_clip_norm,
-        # DeepSpeed casts parameters to bf16/fp16 but now leaves buffers alone; BatchNorm then fails on
-        # bf16 weights with fp32 running statistics. Cast the buffers too, as module.bfloat16() would.
-        "data_types": {"buffer_dtype": precision} if precision != "fp32" else {},
+        # Buffers stay fp32 (DeepSpeed casts only the parameters): BatchNorm's running statistics average
+        # thousands of steps, which bf16's 8-bit mantissa would round away. _fp32_batch_norm makes BatchNorm
+        # take its half-precision weights as fp32 to match them.
         # Our optimizers (RAdam, Lookahead, QHM) are plain torch optimizers DeepSpeed has not listed.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": None,
@@ -151,6 +151,7 @@ class DeepSpeedBackend(LookaheadSlowWeights, Backend):
         if self.precision != "fp32":
             _cast_at_the_boundary(self._engine.module, dtype=torch.bfloat16 if self.precision == "bf16"
                                   else torch.float16)
+            _fp32_batch_norm(self._engine.module)
         lookahead = hasattr(self._client_optimizer, "slow_weights")
         if lookahead and not self._steps_module_directly() and self._refresh_module() is None:
             raise ValueError(f"optim.lookahead with backend.zero_stage=0 and train.precision={self.precision}: "
@@ -480,6 +481,34 @@ def _ensure_process_group(info: DistInfo) -> None:
         raise RuntimeError("no process group: start it with dist_train.distributed.init_distributed first")
     dist.init_process_group("nccl" if info.device.type == "cuda" else "gloo", store=dist.HashStore(),
                             rank=0, world_size=1)
+
+
+def _fp32_batch_norm(module: nn.Module) -> None:
+    """Every BatchNorm in ``module`` normalises half-precision inputs with fp32 running statistics and its
+    half-precision weight and bias taken as fp32, so the statistics stay fp32 buffers.
+
+    torch's batch_norm accepts a bf16/fp16 input with fp32 statistics only if the weight and bias are fp32
+    too (its mixed-type kernel), and DeepSpeed holds them in half precision; the casts are differentiable, so
+    the gradients reach the half-precision parameters as before. Written here because neither torch nor
+    DeepSpeed offers it for a module DeepSpeed has cast. Modules with ``momentum=None`` (a cumulative average)
+    or without running statistics keep their own forward."""
+    for bn in module.modules():
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.momentum is None or not bn.track_running_stats:
+            continue
+        if bn.running_mean is not None:
+            bn.running_mean.data = bn.running_mean.data.float()
+            bn.running_var.data = bn.running_var.data.float()
+
+        def forward(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm = bn) -> torch.Tensor:
+            bn._check_input_dim(x)
+            if bn.training:
+                bn.num_batches_tracked.add_(1)  # as torch's own forward counts them
+            weight = bn.weight.float() if bn.weight is not None else None
+            bias = bn.bias.float() if bn.bias is not None else None
+            return torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, bn.training,
+                                                  bn.momentum, bn.eps)
+
+        bn.forward = forward  # type: ignore[method-assign]
 
 
 def _cast_at_the_boundary(module: nn.Module, *, dtype: torch.dtype) -> None:

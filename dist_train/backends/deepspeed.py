@@ -495,20 +495,21 @@ def _fp32_batch_norm(module: nn.Module) -> None:
     for bn in module.modules():
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.momentum is None or not bn.track_running_stats:
             continue
-        if bn.running_mean is not None:
-            bn.running_mean.data = bn.running_mean.data.float()
-            bn.running_var.data = bn.running_var.data.float()
+        mean, var, tracked = bn.running_mean, bn.running_var, bn.num_batches_tracked
+        assert mean is not None and var is not None and tracked is not None  # track_running_stats
+        mean.data, var.data = mean.data.float(), var.data.float()
 
-        def forward(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm = bn) -> torch.Tensor:
+        def forward(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm = bn, momentum: float = bn.momentum,
+                    tracked: torch.Tensor = tracked) -> torch.Tensor:
             bn._check_input_dim(x)
             if bn.training:
-                bn.num_batches_tracked.add_(1)  # as torch's own forward counts them
+                tracked.add_(1)  # as torch's own forward counts them
             weight = bn.weight.float() if bn.weight is not None else None
             bias = bn.bias.float() if bn.bias is not None else None
             return torch.nn.functional.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, bn.training,
-                                                  bn.momentum, bn.eps)
+                                                  momentum, bn.eps)
 
-        bn.forward = forward  # type: ignore[method-assign]
+        bn.forward = forward  # type: ignore[method-assign, assignment]
 
 
 def _cast_at_the_boundary(module: nn.Module, *, dtype: torch.dtype) -> None:

@@ -36,9 +36,12 @@ def main(argv: list[str] | None = None) -> int:
           f"in {time.time() - tic:.0f} s on 2 CPU ranks")
     print(f"[demo] test accuracy: top-1 {summary['eval/acc1']:.4f}, top-5 {summary['eval/acc5']:.4f} "
           f"on {int(summary['eval/samples'])} test images")
+    dist_train = Path(sys.executable).with_name("dist-train")
     print(f"[demo] MLflow run {summary.get('mlflow_run_id')} in ./mlflow.db; to browse it run:\n"
           f"    {mlflow} ui --backend-store-uri sqlite:///mlflow.db --port 5000\n"
           f"  and open http://127.0.0.1:5000")
+    print(f"[demo] to plot its test accuracy against epochs and updates:\n"
+          f"    {dist_train} report --experiment demo --tracking-uri sqlite:///mlflow.db")
     return 0
 
 

@@ -26,6 +26,8 @@ class TrackingRefused(RuntimeError):
     """The tracking server refused this run's credentials (or their permissions) when the run started."""
 
 
+# MLflow 3's UI opens an experiment in its model-training view (not the GenAI one) when this tag says so.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 # MLflow's error codes for a missing or wrong login (401) and for a user without the permission (403).
 _REFUSED = ("UNAUTHENTICATED", "PERMISSION_DENIED")
 
@@ -106,11 +108,13 @@ class MlflowTracker:
         self._client = MlflowClient(tracking_uri=self.uri)
         self.run_id = run_id
         self._continued = run_id is not None
+        self._continued_at_start = run_id is not None
         self._queue: list[dict[str, Any]] = []
         self._pending_file = Path(pending_file) if pending_file else None
         self._retry_interval_s = retry_interval_s
         self._next_try = 0.0
         self._outage_since: float | None = None
+        self._system_metrics: Any = None
         self._flush(force=True, starting=True)
 
     # --- the protocol --------------------------------------------------------------------------
@@ -126,6 +130,9 @@ class MlflowTracker:
         self._put({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self._system_metrics is not None:
+            self._system_metrics.finish()  # its last sample, before the run is marked finished
+            self._system_metrics = None
         self._put({"op": "finish", "status": status}, force=True)
         if self._queue:
             log.warning("the MLflow server at %s is still unreachable: %d records are kept in %s; send them "
@@ -161,6 +168,7 @@ class MlflowTracker:
             elif self._continued:
                 self._client.update_run(self.run_id, status="RUNNING")
                 self._continued = False
+            self._start_system_metrics()
             while self._queue:
                 self._send(self._queue[0])
                 self._queue.pop(0)
@@ -188,8 +196,25 @@ class MlflowTracker:
 
     def _create_run(self) -> str:
         experiment = self._client.get_experiment_by_name(self.cfg.experiment)
-        exp_id = experiment.experiment_id if experiment else self._client.create_experiment(self.cfg.experiment)
+        if experiment is None:
+            exp_id = self._client.create_experiment(self.cfg.experiment, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+        else:
+            exp_id = experiment.experiment_id
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before dist_train set it, or by hand
+                self._client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return self._client.create_run(exp_id, run_name=self.cfg.run_name or None).info.run_id
+
+    def _start_system_metrics(self) -> None:
+        """MLflow's own system-metrics monitor, in its thread, once the run exists (on a continued run it
+        continues the steps). It writes to the server itself: during an outage its samples are lost, not
+        queued, and it says so in its own warnings."""
+        if self._system_metrics is not None or not self.cfg.system_metrics or self.run_id is None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system_metrics = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.system_metrics_interval_s,
+                                                    resume_logging=self._continued_at_start, tracking_uri=self.uri)
+        self._system_metrics.start()
 
     def _send(self, record: dict[str, Any]) -> None:
         from mlflow.entities import Metric, Param
@@ -244,7 +269,7 @@ def import_pending(pending_file: str | Path, *, tracking_uri: str | None = None)
         log.warning("the tracking URI of %s had credentials in it, which were not written down: give them in "
                     "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or pass --tracking-uri", pending_file)
     cfg = TrackingConfig(tracking_uri=tracking_uri or header["tracking_uri"], experiment=header["experiment"],
-                         run_name=header["run_name"])
+                         run_name=header["run_name"], system_metrics=False)  # this machine's use is not the run's
     tracker = MlflowTracker(cfg, run_id=header["run_id"], retry_interval_s=0.0)
     tracker._queue = records
     tracker._flush(force=True)

@@ -201,7 +201,11 @@ class Trainer:
             self._tic = (time.perf_counter(), self.progress.samples_seen)
             if self._bar is not None:
                 self._bar.update(self.progress.samples_seen - self._bar.n)
-                self._bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", B=state.global_batch_size,
+                # B_simple beside B: the batch grows while the measured noise scale is above it. Read
+                # from this log step's metrics, so the bar adds no host read to other steps.
+                measured = metrics.get("noise_scale/b_simple")
+                extra = {"B_simple": f"{measured:.3g}"} if measured is not None else {}
+                self._bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", B=state.global_batch_size, **extra,
                                       lr=f"{state.lr:.3g}", m=f"{state.momentum:.3g}",
                                       g=f"{state.noise_scale:.3g}")
         if self.cfg.eval_every_epochs and self._epoch() >= self._next_eval and not self._done():

@@ -3,14 +3,16 @@
 On a GPU every ``.item()``, ``.tolist()``, ``bool(t)`` or ``float(t)`` of a device tensor waits for the
 queue to drain. A dispatch mode sees no such thing on CPU (``.tolist()`` of a CPU tensor records no
 ``_local_scalar_dense``), so these tests patch the Tensor methods themselves and record who called them,
-during whole non-log steps with gradient accumulation, Lookahead, the noise scale and the adaptive batch
-decision on, on 2 gloo ranks. The one read allowed is ``faults.step_flags``' ``.tolist()``: skipping a
-non-finite step on every rank and stopping within one step of a preemption need it (docs/performance.md).
+during whole non-log steps with gradient accumulation, Lookahead, the noise scale, the adaptive batch
+decision and the progress bar (which shows B_simple on log steps) on, on 2 gloo ranks. The one read
+allowed is ``faults.step_flags``' ``.tolist()``: skipping a non-finite step on every rank and stopping
+within one step of a preemption need it (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import traceback
 from dataclasses import replace
 from typing import Iterator
@@ -19,6 +21,7 @@ import pytest
 import torch
 from harness import global_batches, make_trainer
 from multiproc import run_ranks
+from tqdm import tqdm
 
 from dist_train.optim.config import LookaheadConfig, OptimConfig
 
@@ -60,22 +63,28 @@ def _steps(rank, world_size, shard):
     trainer = make_trainer(rank, world_size, batches=global_batches(6, 32), micro=8, optim=RADAM_LA, shard=shard,
                            noise=GradientNoiseScale(ema_decay=0.5), batch_controller=controller)
     trainer.backend.enable_noise_scale()
-    trainer.cfg = replace(trainer.cfg, log_every_steps=1000)  # no log step among these
+    trainer.cfg = replace(trainer.cfg, log_every_steps=5)  # steps 1-4 are not log steps; step 5 is
+    bar_text = io.StringIO()
+    trainer._bar = tqdm(total=None, file=bar_text, dynamic_ncols=False, mininterval=0)
     reads = []
-    for step in range(5):
+    for step in range(4):
         state = trainer._schedule_state()
         with recorded_host_reads() as calls:
             flags = trainer.train_step(state)
             trainer._after_step(state, flags)
         if step >= 2:  # once the optimizer state and the noise averages exist
             reads.append(calls)
-    return reads, trainer.noise.b_simple
+    assert "B_simple" not in bar_text.getvalue()  # nothing shown, nor read, before the log step
+    state = trainer._schedule_state()
+    trainer._after_step(state, trainer.train_step(state))
+    return reads, trainer.noise.b_simple, bar_text.getvalue()
 
 
 @pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
 def test_a_non_log_step_reads_only_the_agreed_flags_back_to_the_host(shard):
-    for reads, b_simple in run_ranks(_steps, shard, world_size=2):
+    for reads, b_simple, bar in run_ranks(_steps, shard, world_size=2):
         assert b_simple is not None  # the noise scale was measured
+        assert f"B_simple={b_simple:.3g}" in bar and "B=32" in bar  # the progress bar shows it on the log step
         for calls in reads:
             assert len(calls) == 1 and calls[0].startswith("tolist at faults.py:") and calls[0].endswith(
                 "in step_flags"), calls

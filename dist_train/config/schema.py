@@ -174,10 +174,17 @@ class TrackingConfig:
     log_model: bool = True
     """At the end, log the final checkpoint's evaluated weights (Lookahead's slow ones where used) as the
     artifact ``model/model.pt``, a plain state_dict as ``dist-train export`` writes it."""
+    system_metrics: bool = True
+    """Log CPU, memory, disk and network use (and GPU use where MLflow finds nvidia-ml-py) as ``system/*``
+    metrics of the run, through MLflow's own monitor, from the main rank."""
+    system_metrics_interval_s: float = 10.0
+    """Seconds between two samples of the system metrics."""
 
     def __post_init__(self) -> None:
         from urllib.parse import urlsplit
 
+        if self.system_metrics_interval_s <= 0:
+            raise ValueError("tracking.system_metrics_interval_s must be > 0")
         if urlsplit(self.tracking_uri).password is not None:
             raise ValueError("tracking.tracking_uri holds a password, and the config is logged as the run's params "
                              "and written to config.yaml: put the user and password in MLFLOW_TRACKING_USERNAME "

@@ -8,7 +8,11 @@ are its seeds. The report writes:
   updates (the optimizer step every metric is logged at), one line per group: the mean over seeds with
   a band from the lowest to the highest seed;
 - ``results.md``: per group the final test accuracy (mean +- sample standard deviation over seeds, and
-  the number of seeds) and the number of updates.
+  the number of seeds) and the number of updates;
+- ``schedule.png``: the trajectory of every group against epochs, in stacked panels: lr, the global batch
+  B, momentum, the analytic noise scale g (log axis), the measured B_simple beside B (log axis: the batch
+  grows while B_simple is above it), and the train and eval loss. Seeds are bands as above; every group
+  (schedule mode) overlays in each panel. B_simple appears only where the run measured it.
 
 The trainer logs ``epoch`` every ``train.log_every_steps`` steps and always at the last step, while it
 evaluates at epoch boundaries, so the epoch of an evaluation is interpolated linearly in the step
@@ -95,6 +99,8 @@ class Report:
     group_by: tuple[str, ...]
     files: tuple[Path, ...]
     mlflow_run_id: str | None = None
+    schedule: dict[tuple[str, ...], list[dict[str, tuple[tuple[float, ...], tuple[float, ...]]]]] | None = None
+    """What ``schedule.png`` plots: per group, per run (in the group's seed order), each metric's series."""
 
 
 # --- reading runs ------------------------------------------------------------------------------
@@ -231,7 +237,8 @@ def _results_markdown(groups: Sequence[GroupSummary], *, group_by: Sequence[str]
         f"- **epochs**: training length in epochs, mean over seeds.\n\n"
         f"{markdown_table(groups, group_by=group_by)}\n"
         f"![test accuracy against epochs](acc_vs_epochs.png)\n\n"
-        f"![test accuracy against parameter updates](acc_vs_updates.png)\n"
+        f"![test accuracy against parameter updates](acc_vs_updates.png)\n\n"
+        f"![lr, batch, momentum, noise scale and loss against epochs](schedule.png)\n"
     )
 
 
@@ -295,6 +302,83 @@ def plot_accuracy(groups: Sequence[GroupSummary], *, group_by: Sequence[str], x_
     return path
 
 
+# --- the schedule figure ----------------------------------------------------------------------
+SCHEDULE_PANELS = (  # (metric, y label, log axis)
+    ("lr", "learning rate", False),
+    ("global_batch_size", "global batch B", True),
+    ("momentum", "momentum", False),
+    ("noise_scale/analytic", "analytic noise scale g", True),
+    ("noise_scale/b_simple", "measured B_simple (dashed: B)", True),
+    ("train/loss", "loss (solid: train, dotted: eval)", False),
+)
+
+
+def schedule_series(client: Any, run_id: str) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
+    """Each schedule metric of a run as (epochs, values), in step order, the epoch interpolated from the
+    ``epoch`` history as for the accuracy; a metric the run never logged is absent (B_simple without the
+    noise scale, or before its first measurement)."""
+    out = {}
+    for key in [k for k, _, _ in SCHEDULE_PANELS] + ["eval/loss"]:
+        by_step = {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+        if not by_step:
+            continue
+        steps = sorted(by_step)
+        epochs = _epochs_at(client, run_id, steps)
+        if epochs:
+            out[key] = (epochs, tuple(by_step[s] for s in steps))
+    return out
+
+
+def plot_schedule(client: Any, groups: Sequence[GroupSummary], *, group_by: Sequence[str], path: Path,
+                  title: str) -> dict[tuple[str, ...], list[dict[str, tuple[tuple[float, ...], tuple[float, ...]]]]]:
+    """Write the stacked schedule panels of every group to ``path``; returns the series plotted, per group and
+    run (what a test can hold against the logged histories)."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 2.3 * len(SCHEDULE_PANELS)), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(SCHEDULE_PANELS), 1, sharex=True)
+    colors = colormaps["tab10" if len(groups) <= 10 else "tab20"]
+    plotted = {}
+    for i, g in enumerate(groups):
+        color = colors(i % colors.N)
+        series = [schedule_series(client, r.run_id) for r in g.runs]
+        plotted[g.group] = series
+        label: str | None = f"{group_label(g.group, group_by)} ({len(g.runs)} seeds)"
+        for ax, (key, _, _) in zip(axes, SCHEDULE_PANELS):
+            if _band(ax, [s[key] for s in series if key in s], color=color, label=label):
+                label = None  # the group's legend entry, once, on the first panel it has data for
+            if key == "noise_scale/b_simple":  # B beside it: grow while the solid line is above the dashed
+                _band(ax, [s["global_batch_size"] for s in series if "global_batch_size" in s], color=color,
+                      linestyle="--")
+            if key == "train/loss":
+                _band(ax, [s["eval/loss"] for s in series if "eval/loss" in s], color=color, linestyle=":")
+    for ax, (_, ylabel, log_axis) in zip(axes, SCHEDULE_PANELS):
+        ax.set_ylabel(ylabel, fontsize="small")
+        ax.grid(True, alpha=0.3)
+        if log_axis:
+            ax.set_yscale("log")
+    axes[-1].set_xlabel("epochs")
+    axes[0].set_title(f"{title}\nmean over seeds; band: lowest to highest seed", fontsize="medium")
+    fig.legend(fontsize="small", loc="outside right upper")
+    fig.savefig(path)
+    return plotted
+
+
+def _band(ax: Any, curves: list[tuple[tuple[float, ...], tuple[float, ...]]], *, color: Any,
+          label: str | None = None, linestyle: str = "-") -> bool:
+    """Mean over ``curves`` with a min-max band; False (nothing drawn) without curves."""
+    if not curves:
+        return False
+    grid, mean, low, high = mean_band([c[0] for c in curves], [c[1] for c in curves])
+    if len(curves) > 1:
+        ax.fill_between(grid, low, high, color=color, alpha=0.15, linewidth=0)
+    ax.plot(grid, mean, color=color, linewidth=1.3, linestyle=linestyle, label=label)
+    return True
+
+
 # --- the whole report --------------------------------------------------------------------------
 def make_report(*, experiments: Sequence[str], out_dir: str | Path, tracking_uri: str | None = None,
                 filter_string: str = "", group_by: Sequence[str] = DEFAULT_GROUP_BY,
@@ -318,6 +402,9 @@ def make_report(*, experiments: Sequence[str], out_dir: str | Path, tracking_uri
         plot_accuracy(groups, group_by=group_by, x_axis="updates", path=out / "acc_vs_updates.png",
                       title=f"Test accuracy against parameter updates ({name})"),
     )
+    schedule = plot_schedule(client, groups, group_by=group_by, path=out / "schedule.png",
+                             title=f"Schedule: lr, batch, momentum, noise scale and loss against epochs ({name})")
+    files += (out / "schedule.png",)
     table = out / "results.md"
     table.write_text(_results_markdown(groups, group_by=group_by, experiments=experiments,
                                        filter_string=filter_string))
@@ -326,7 +413,12 @@ def make_report(*, experiments: Sequence[str], out_dir: str | Path, tracking_uri
     if log_to_mlflow:
         run_id = _log_report(client, files, experiment=mlflow_experiment or experiments[0], group_by=group_by,
                              experiments=experiments, filter_string=filter_string)
-    return Report(groups=groups, group_by=group_by, files=files, mlflow_run_id=run_id)
+        for g in groups:  # beside each training run's own metrics too
+            for r in g.runs:
+                for path in files:
+                    if path.suffix == ".png":
+                        client.log_artifact(r.run_id, str(path), artifact_path="report")
+    return Report(groups=groups, group_by=group_by, files=files, mlflow_run_id=run_id, schedule=schedule)
 
 
 def _log_report(client: Any, files: Sequence[Path], *, experiment: str, group_by: Sequence[str],

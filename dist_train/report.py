@@ -255,6 +255,10 @@ def group_label(group: Sequence[str], group_by: Sequence[str]) -> str:
     return ", ".join(parts) or "all runs"
 
 
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
+
+
 def mean_band(xs: Sequence[Sequence[float]], ys: Sequence[Sequence[float]]) -> tuple[Any, Any, Any, Any]:
     """Curves on a common x grid: (grid, mean, min, max) over the curves.
 
@@ -292,7 +296,7 @@ def plot_accuracy(groups: Sequence[GroupSummary], *, group_by: Sequence[str], x_
         color = colors(i % colors.N)
         ax.fill_between(grid, low, high, color=color, alpha=0.2, linewidth=0)
         ax.plot(grid, mean, color=color, marker="o", markersize=2.5, linewidth=1.5,
-                label=f"{group_label(g.group, group_by)} ({len(runs)} seeds)")
+                label=f"{group_label(g.group, group_by)} ({_seeds(len(runs))})")
     ax.set_xlabel("epochs" if x_axis == "epochs" else "parameter updates (optimizer steps)")
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_title(f"{title}\nmean over seeds; band: lowest to highest seed", fontsize="medium")
@@ -346,7 +350,7 @@ def plot_schedule(client: Any, groups: Sequence[GroupSummary], *, group_by: Sequ
         color = colors(i % colors.N)
         series = [schedule_series(client, r.run_id) for r in g.runs]
         plotted[g.group] = series
-        label: str | None = f"{group_label(g.group, group_by)} ({len(g.runs)} seeds)"
+        label: str | None = f"{group_label(g.group, group_by)} ({_seeds(len(g.runs))})"
         for ax, (key, _, _) in zip(axes, SCHEDULE_PANELS):
             if _band(ax, [s[key] for s in series if key in s], color=color, label=label):
                 label = None  # the group's legend entry, once, on the first panel it has data for

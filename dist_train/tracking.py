@@ -67,6 +67,26 @@ class NullTracker:
         return 0
 
 
+class NodeSystemMetrics(NullTracker):
+    """Tracks nothing but this node's system metrics, into the main rank's run (``system/node<k>/*``): what
+    local rank 0 of every other node runs with ``tracking.system_metrics_per_node``."""
+
+    def __init__(self, cfg: TrackingConfig, *, run_id: str, node: int, continued: bool):
+        import socket
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        from mlflow.tracking import MlflowClient
+
+        uri = resolve_tracking_uri(cfg)
+        MlflowClient(tracking_uri=uri).set_tag(run_id, f"dist_train.node{node}", socket.gethostname())
+        self._monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.system_metrics_interval_s,
+                                             resume_logging=continued, node_id=f"node{node}", tracking_uri=uri)
+        self._monitor.start()
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._monitor.finish()
+
+
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
@@ -94,7 +114,7 @@ class MlflowTracker:
     _MAX_PARAMS, _MAX_METRICS = 100, 1000
 
     def __init__(self, cfg: TrackingConfig, *, run_id: str | None = None, pending_file: str | Path | None = None,
-                 retry_interval_s: float = 30.0):
+                 retry_interval_s: float = 30.0, node: int = 0):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         # Fail fast instead of MLflow's default minutes of retries: we queue and retry ourselves.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -115,6 +135,8 @@ class MlflowTracker:
         self._next_try = 0.0
         self._outage_since: float | None = None
         self._system_metrics: Any = None
+        self._finishing = False
+        self._node = node
         self._flush(force=True, starting=True)
 
     # --- the protocol --------------------------------------------------------------------------
@@ -130,6 +152,7 @@ class MlflowTracker:
         self._put({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
 
     def finish(self, status: str = "FINISHED") -> None:
+        self._finishing = True  # the flush below must not start a monitor again
         if self._system_metrics is not None:
             self._system_metrics.finish()  # its last sample, before the run is marked finished
             self._system_metrics = None
@@ -208,12 +231,18 @@ class MlflowTracker:
         """MLflow's own system-metrics monitor, in its thread, once the run exists (on a continued run it
         continues the steps). It writes to the server itself: during an outage its samples are lost, not
         queued, and it says so in its own warnings."""
-        if self._system_metrics is not None or not self.cfg.system_metrics or self.run_id is None:
+        if self._system_metrics is not None or not self.cfg.system_metrics or self.run_id is None or self._finishing:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        per_node = self.cfg.system_metrics_per_node  # then the main rank's node is tagged like the others
+        if per_node:
+            import socket
+
+            self._client.set_tag(self.run_id, f"dist_train.node{self._node}", socket.gethostname())
         self._system_metrics = SystemMetricsMonitor(self.run_id, sampling_interval=self.cfg.system_metrics_interval_s,
-                                                    resume_logging=self._continued_at_start, tracking_uri=self.uri)
+                                                    resume_logging=self._continued_at_start, tracking_uri=self.uri,
+                                                    node_id=f"node{self._node}" if per_node else None)
         self._system_metrics.start()
 
     def _send(self, record: dict[str, Any]) -> None:
@@ -282,7 +311,7 @@ def import_pending(pending_file: str | Path, *, tracking_uri: str | None = None)
 
 
 def build_tracker(cfg: TrackingConfig, *, is_main: bool, run_id: str | None = None,
-                  pending_file: str | Path | None = None) -> Tracker:
+                  pending_file: str | Path | None = None, node: int = 0) -> Tracker:
     if not (is_main and cfg.enabled):
         return NullTracker()
-    return MlflowTracker(cfg, run_id=run_id, pending_file=pending_file)
+    return MlflowTracker(cfg, run_id=run_id, pending_file=pending_file, node=node)

@@ -205,16 +205,21 @@ def _start_tracking_on_every_rank(cfg: Config, info: Any, run_dir: Path, run_id:
     """Collective: the main rank's tracker (the others' track nothing). A server that refuses the credentials
     stops every rank with the same error, not rank 0 alone while the others wait in the first collective."""
     from dist_train.distributed import broadcast_object
-    from dist_train.tracking import NullTracker, TrackingRefused
+    from dist_train.tracking import NodeSystemMetrics, NullTracker, TrackingRefused
 
     refused, tracker = None, NullTracker()
     try:
         tracker = _start_tracking(cfg, info, run_dir, run_id, precision=precision)
     except TrackingRefused as err:
         refused = str(err)
-    refused = broadcast_object(info, refused)
+    refused, main_run = broadcast_object(info, (refused, tracker.run_id))
     if refused is not None:
         raise TrackingRefused(refused)
+    node = info.rank // info.local_world_size
+    per_node = cfg.tracking.enabled and cfg.tracking.system_metrics and cfg.tracking.system_metrics_per_node
+    if per_node and not info.is_main and info.local_rank == 0 and main_run is not None:
+        # (main_run is None while the server is down at the start: those nodes then log nothing)
+        return NodeSystemMetrics(cfg.tracking, run_id=main_run, node=node, continued=run_id is not None)
     return tracker
 
 
@@ -222,7 +227,7 @@ def _start_tracking(cfg: Config, info: Any, run_dir: Path, run_id: str | None, *
     from dist_train.tracking import build_tracker
 
     tracker = build_tracker(cfg.tracking, is_main=info.is_main, run_id=run_id,
-                            pending_file=run_dir / "mlflow-pending.jsonl")
+                            pending_file=run_dir / "mlflow-pending.jsonl", node=info.rank // info.local_world_size)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_file = run_dir / "config.yaml"

@@ -5,7 +5,12 @@ Against a real sqlite store, read back through ``MlflowClient``.
 
 from __future__ import annotations
 
+import socket
 import time
+from pathlib import Path
+
+import torch
+from multiproc import run_ranks
 
 from dist_train.config import TrackingConfig
 from dist_train.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, MlflowTracker
@@ -32,6 +37,18 @@ def test_a_run_is_filed_as_model_training_and_logs_system_metrics(tmp_path):
         assert "system/system_memory_usage_megabytes" in metrics and metrics["train/loss"] == 1.0
 
 
+def test_finishing_stops_the_monitor_for_good(tmp_path):
+    import threading
+
+    tracker = MlflowTracker(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="once",
+                                           system_metrics_interval_s=0.2))
+    tracker.finish()
+    time.sleep(0.5)
+    # The finish record's own flush once started a second monitor that nobody stopped.
+    assert tracker._system_metrics is None
+    assert not [t for t in threading.enumerate() if "SystemMetricsMonitor" in t.name and t.is_alive()]
+
+
 def test_system_metrics_can_be_turned_off(tmp_path):
     from mlflow import MlflowClient
 
@@ -41,3 +58,36 @@ def test_system_metrics_can_be_turned_off(tmp_path):
     time.sleep(0.6)
     tracker.finish()
     assert not [k for k in MlflowClient(uri).get_run(tracker.run_id).data.metrics if k.startswith("system/")]
+
+
+def _two_nodes(rank, world_size, uri, run_dir):
+    from dist_train.config import load_config
+    from dist_train.distributed import DistInfo
+    from dist_train.train import _start_tracking_on_every_rank
+
+    # Each rank plays local rank 0 of a node of its own, as on two nodes with one rank each.
+    info = DistInfo(rank=rank, world_size=world_size, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    cfg = load_config(None, [f"tracking.tracking_uri={uri}", "tracking.experiment=nodes",
+                             "tracking.system_metrics_per_node=true", "tracking.system_metrics_interval_s=0.2"])
+    tracker = _start_tracking_on_every_rank(cfg, info, Path(run_dir), None, precision="fp32")
+    torch.distributed.barrier()  # as training would keep the ranks together; a node monitor stops with the run
+    time.sleep(1.5)
+    if rank == 1:
+        tracker.finish()
+    torch.distributed.barrier()
+    if rank == 0:
+        tracker.finish()
+    return tracker.run_id
+
+
+def test_every_node_logs_its_own_system_metrics_into_the_run(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id, none = run_ranks(_two_nodes, uri, str(tmp_path / "run"), world_size=2)
+    assert none is None  # the other node tracks nothing else
+    run = MlflowClient(uri).get_run(run_id)
+    for node in (0, 1):
+        assert f"system/node{node}/cpu_utilization_percentage" in run.data.metrics
+        assert run.data.tags[f"dist_train.node{node}"] == socket.gethostname()
+    assert "system/cpu_utilization_percentage" not in run.data.metrics  # every sample says which node

@@ -179,6 +179,9 @@ class TrackingConfig:
     metrics of the run, through MLflow's own monitor, from the main rank."""
     system_metrics_interval_s: float = 10.0
     """Seconds between two samples of the system metrics."""
+    system_metrics_per_node: bool = False
+    """Log the system metrics of every node, not only the main rank's: local rank 0 of node k logs
+    ``system/node<k>/*`` into the same run, and tags the run ``dist_train.node<k>`` with its host name."""
 
     def __post_init__(self) -> None:
         from urllib.parse import urlsplit

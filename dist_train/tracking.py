@@ -78,7 +78,10 @@ class NodeSystemMetrics(NullTracker):
         from mlflow.tracking import MlflowClient
 
         uri = resolve_tracking_uri(cfg)
-        MlflowClient(tracking_uri=uri).set_tag(run_id, f"dist_train.node{node}", socket.gethostname())
+        try:
+            MlflowClient(tracking_uri=uri).set_tag(run_id, f"dist_train.node{node}", socket.gethostname())
+        except Exception as err:  # an unreachable server must not stop a rank; the monitor warns on its own
+            log.warning("cannot tag run %s with node %d's host (%s)", run_id, node, str(err).splitlines()[0][:200])
         self._monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.system_metrics_interval_s,
                                              resume_logging=continued, node_id=f"node{node}", tracking_uri=uri)
         self._monitor.start()

@@ -235,6 +235,13 @@ def test_resuming_where_the_batch_does_not_divide_over_the_new_ranks_says_so(tmp
     assert all(e and "cannot resume" in e and "not divisible by" in e and "16 x 3 = 48" in e for e in errors)
 
 
+def test_deepspeed_zero0_refuses_another_world_size_with_the_fix(tmp_path):
+    # ZeRO-1/2 re-cut their partitions (above); ZeRO-0 at another world size is untested, so refused.
+    run_ranks(_elastic_first, str(tmp_path), False, "zero0", world_size=2, timeout_s=300)
+    error, = run_ranks(_elastic_indivisible, str(tmp_path), 96, "zero0", world_size=1, timeout_s=300)
+    assert "cannot change the world size on resume; relaunch with 2 ranks" in error
+
+
 def _resume_with_a_stale_listing_on_rank_1(rank, world_size, run_dir):
     batches = global_batches(4, 16)
     first = make_trainer(rank, world_size, batches=batches, micro=4, optim=RADAM_LA, run_dir=run_dir)

@@ -359,8 +359,11 @@ class DeepSpeedBackend(LookaheadSlowWeights, Backend):
         # finds the latest checkpoint), and the trainer's state is in the Checkpointer's rank files.
         self._engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
 
-    # ZeRO-0 replicates the optimizer state in the model file; ZeRO-1/2 partitions are re-cut by load_from.
-    resumes_at_any_world_size = True
+    @property
+    def resumes_at_any_world_size(self) -> bool:  # type: ignore[override]
+        """ZeRO-1/2: ``load_from`` re-cuts the partitions (tested 2->1 and 2->3). ZeRO-0 keeps the whole
+        optimizer in its model file and would likely load as it is, but that is untested: refused."""
+        return self.zero_stage != 0
 
     def load_from(self, directory: Path) -> None:
         """Collective, strict: what ``save_to`` wrote, each rank reading its own optimizer partition; one written

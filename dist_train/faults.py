@@ -130,7 +130,8 @@ def step_flags(*, loss_sum: torch.Tensor, grads_finite: torch.Tensor | None = No
                           float(bool(preemption and preemption.requeue)), float(checkpoint_due)])
     if device.type == "cuda":  # a pinned source: the copy is queued on the stream, the host does not wait
         local = local.pin_memory().to(device, non_blocking=True)
-    wants_growth = grow if grow is not None else torch.zeros((), dtype=torch.bool, device=device)
+    # .to: before the noise scale's first update its state (and so ``grow``) may still be on the host
+    wants_growth = grow.to(device) if grow is not None else torch.zeros((), dtype=torch.bool, device=device)
     flags = torch.cat([(~finite).float().reshape(1), local, wants_growth.float().reshape(1)])
     nonfinite, stop, requeue, checkpoint, grows = all_reduce(flags, torch.distributed.ReduceOp.MAX).tolist()
     return StepFlags(nonfinite=bool(nonfinite), stop=bool(stop), requeue=bool(requeue), checkpoint=bool(checkpoint),

@@ -82,7 +82,7 @@ def test_smoke_runs_every_setting_and_writes_the_report(study, small_shards, tmp
     # The plots and the table are logged to MLflow too, in a run of their own.
     (report_run,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.`{REPORT_TAG}` = 'true'")
     assert sorted(a.path for a in client.list_artifacts(report_run.info.run_id, "report")) == [
-        "report/acc_vs_epochs.png", "report/acc_vs_updates.png", "report/results.md"]
+        "report/acc_vs_epochs.png", "report/acc_vs_updates.png", "report/results.md", "report/schedule.png"]
     assert {r.data.params["train.seed"] for r in runs} == {"0"}
     assert {int(r.data.metrics["final/step"]) for r in runs} == {2}
     modes = {r.info.run_name: r.data.params["schedule.mode"] for r in runs}
@@ -91,7 +91,7 @@ def test_smoke_runs_every_setting_and_writes_the_report(study, small_shards, tmp
     table = (tmp_path / "report" / "results.md").read_text()
     assert table.count("| 1 | ") == 10  # one row per setting, one seed each
     assert table.count("(one seed: no spread)") == 10  # no made-up "± 0.00"
-    for png in ("acc_vs_epochs.png", "acc_vs_updates.png"):
+    for png in ("acc_vs_epochs.png", "acc_vs_updates.png", "schedule.png"):
         assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Finished runs are skipped: a second call trains nothing and rewrites the report.

@@ -107,5 +107,14 @@ def make_trainer(rank: int, world_size: int, *, batches: list[dict], micro: int,
     return Trainer(cfg, parts, max_bad_sample_fraction=0.5, checkpoint_every_steps=checkpoint_every_steps)
 
 
+def train_losses(trainer: Trainer, n: int) -> list[float]:
+    """``n`` steps at the schedule's state; the training loss of each."""
+    out = []
+    for _ in range(n):
+        trainer.train_step(trainer.schedule.state_at(trainer.progress.samples_seen))
+        out.append(trainer.collect_train_metrics()["train/loss"])
+    return out
+
+
 def params_of(trainer: Trainer) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in trainer.backend.module.parameters()])

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from harness import global_batches, make_trainer, params_of, tiny_net
+from harness import train_losses as _losses
 from multiproc import run_ranks
 
 from dist_train.models import compile_in_place
@@ -20,14 +21,6 @@ RADAM_LA = OptimConfig(name="radam", lr=0.01, momentum=0.9, weight_decay=1e-4,
                        lookahead=LookaheadConfig(k=3, alpha=0.5))
 SIZES = [16] * 10 + [32] * 10  # micro 8 on 2 ranks: 1 micro-step, then 2 after the batch doubles
 STOP = 13
-
-
-def _losses(trainer, n):
-    out = []
-    for _ in range(n):
-        trainer.train_step(trainer.schedule.state_at(trainer.progress.samples_seen))
-        out.append(trainer.collect_train_metrics()["train/loss"])
-    return out
 
 
 def _trainer(rank, world_size, run_dir, compiled):

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from harness import global_batches, make_trainer, params_of
+from harness import train_losses as _losses
 from multiproc import run_ranks
 
 from dist_train.checkpoint import Checkpointer, CheckpointError
@@ -15,14 +16,6 @@ from dist_train.optim.config import LookaheadConfig, OptimConfig
 RADAM_LA = OptimConfig(name="radam", lr=0.01, momentum=0.9, weight_decay=1e-4,
                        lookahead=LookaheadConfig(k=3, alpha=0.5))
 SIZES = [16, 16, 16, 16, 32, 32, 32, 32]  # the batch grows between the checkpoint and the end
-
-
-def _losses(trainer, n):
-    out = []
-    for _ in range(n):
-        trainer.train_step(trainer.schedule.state_at(trainer.progress.samples_seen))
-        out.append(trainer.collect_train_metrics()["train/loss"])
-    return out
 
 
 def _uninterrupted(rank, world_size, run_dir, shard):

@@ -4,6 +4,11 @@ Compares, in one run and interleaved: our RAdam, Lookahead(our RAdam), torch.opt
 and torch.optim.RAdam(foreach=False). Then measures the sharded state per rank on 2 gloo ranks, and the
 shard imbalance of our element partition against greedy whole-parameter bins (ZeroRedundancyOptimizer's).
 
+``--whole-step`` then times the whole DDP step on 2 gloo ranks (forward, backward with its communication, the
+gradient norm, the optimizer step and the all-gather) for resnet18 and resnet50, unsharded against the
+sharded optimizer's two gradient paths (all_reduce, reduce_scatter), taking turns within each round; and the
+collectives alone on a ResNet-50-sized tensor. Wall time: the communication runs on gloo's threads.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_optim.py
 
 Step times are per step, averaged over one Lookahead cycle (k=5 steps, so its sync is included at its
@@ -151,6 +156,112 @@ def bench_sharded(steps: int) -> None:
               f"{max(per_rank) / full:.4f} | {results[0][label][1] * 1e3:.0f} |")
 
 
+WHOLE_STEP_MODELS = {"resnet18": 64, "resnet50": 64}  # image side: small, so a round stays short on a CPU
+WHOLE_STEP_MICRO = 32
+LAYOUTS = {"unsharded": (False, "auto"), "sharded, all_reduce": (True, "all_reduce"),
+           "sharded, reduce_scatter": (True, "reduce_scatter")}
+
+
+def _bytes_sent(layout: str, numel: int, world_size: int, elem: int = 4) -> float:
+    """Bytes each rank sends per step for the parameters' gradients and weights (ring algorithms)."""
+    part = (world_size - 1) / world_size * numel * elem
+    return {"unsharded": 2 * part, "sharded, all_reduce": 3 * part, "sharded, reduce_scatter": 2 * part}[layout]
+
+
+def _whole_step_rank(rank: int, world_size: int, init_file: str, rounds: int, results: dict) -> None:
+    import torch.nn.functional as F
+
+    from dist_train.backends import build_backend
+    from dist_train.distributed import DistInfo
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    info = DistInfo(rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size,
+                    device=torch.device("cpu"))
+    cfg = OptimConfig(name="radam", lr=LR, weight_decay=WEIGHT_DECAY)
+    try:
+        out: dict = {}
+        n = 25_557_032 // world_size * world_size  # the collectives alone, on ResNet-50's parameter count
+        x, shard, full = torch.randn(n), torch.empty(n // world_size), torch.empty(n)
+        collectives = {"all_reduce": lambda: dist.all_reduce(x),
+                       "reduce_scatter_single": lambda: dist.reduce_scatter_single(shard, x),
+                       "all_gather_single": lambda: dist.all_gather_single(full, shard)}
+        coll_times: dict[str, list[float]] = {k: [] for k in collectives}
+        for r in range(rounds + 1):
+            for name, fn in collectives.items():
+                dist.barrier()
+                start = time.perf_counter()
+                fn()
+                if r:
+                    coll_times[name].append(time.perf_counter() - start)
+        out["collectives"] = {k: statistics.median(v) for k, v in coll_times.items()}
+        for model_name, side in WHOLE_STEP_MODELS.items():
+            g = torch.Generator().manual_seed(rank)
+            images = torch.randn(WHOLE_STEP_MICRO, 3, side, side, generator=g)
+            labels = torch.randint(0, 1000, (WHOLE_STEP_MICRO,), generator=g)
+            backends = {}
+            for label, (shard_state, reduction) in LAYOUTS.items():
+                torch.manual_seed(0)
+                backend = build_backend("ddp", info, micro_batch_size=WHOLE_STEP_MICRO,
+                                        **({"sharded_reduction": reduction} if shard_state else {}))
+                backend.setup(getattr(torchvision.models, model_name)(),
+                              lambda m, s=shard_state: build_optimizer(m, cfg, shard=s))
+                backend.set_global_batch_size(WHOLE_STEP_MICRO * world_size)
+                backends[label] = backend
+
+            def step(backend) -> None:
+                with backend.grad_sync(True):
+                    loss = F.cross_entropy(backend.model(images), labels)
+                    backend.backward(loss)
+                backend.grads_finite()
+                backend.optimizer_step()
+
+            times: dict[str, list[float]] = {k: [] for k in LAYOUTS}
+            for backend in backends.values():  # warm-up: state allocated, buckets rebuilt
+                step(backend)
+                step(backend)
+            names = list(LAYOUTS)
+            for r in range(rounds):
+                for label in names[r % len(names):] + names[:r % len(names)]:
+                    dist.barrier()
+                    start = time.perf_counter()
+                    step(backends[label])
+                    times[label].append(time.perf_counter() - start)
+            numel = sum(p.numel() for p in backends["unsharded"].module.parameters())
+            out[model_name] = {"numel": numel, "state": {k: optimizer_state_bytes(b.optimizer)
+                                                         for k, b in backends.items()},
+                               "times": times}
+            del backends
+        results[rank] = out
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_whole_step(rounds: int, world_size: int = 2) -> None:
+    with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_whole_step_rank, args=(world_size, os.path.join(tmp, "store"), rounds, results), nprocs=world_size)
+        results = dict(results)
+    coll = results[0]["collectives"]
+    print(f"\nCollectives alone, {world_size} gloo ranks, 25.56M float32 (ResNet-50's parameters), median of "
+          f"{rounds}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in coll.items()))
+    print(f"\nWhole step, {world_size} gloo ranks x 1 thread, micro-batch {WHOLE_STEP_MICRO} per rank, RAdam, "
+          f"median over {rounds} rounds (wall, rank 0):\n")
+    print("| model | layout | ms/step (min..max) | vs unsharded | state per rank MiB | vs unsharded | "
+          "MiB sent per rank per step |")
+    print("|---|---|---|---|---|---|---|")
+    for model_name, side in WHOLE_STEP_MODELS.items():
+        r0 = results[0][model_name]
+        base = statistics.median(r0["times"]["unsharded"])
+        base_state = r0["state"]["unsharded"]
+        for label in LAYOUTS:
+            t = r0["times"][label]
+            state = max(results[r][model_name]["state"][label] for r in results)
+            print(f"| {model_name} @ {side}px | {label} | {statistics.median(t) * 1e3:.0f} ({min(t) * 1e3:.0f}.."
+                  f"{max(t) * 1e3:.0f}) | {statistics.median(t) / base:.3f}x | {state / 2**20:.1f} | "
+                  f"{state / base_state:.3f}x | {_bytes_sent(label, r0['numel'], world_size) / 2**20:.1f} |")
+
+
 def _cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -164,9 +275,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds of one k-cycle per optimizer")
     parser.add_argument("--sharded-steps", type=int, default=3, help="timed steps per rank in the sharded run")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (the machine is shared)")
+    parser.add_argument("--whole-step", type=int, default=0, metavar="ROUNDS",
+                        help="also time the whole DDP step, unsharded against sharded, over this many rounds")
+    parser.add_argument("--only-whole-step", action="store_true", help="skip the optimizer-only measurements")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU: {_cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}")
+    if args.whole_step:
+        bench_whole_step(args.whole_step)
+    if args.only_whole_step:
+        return
     bench_steps(args.rounds)
     shard_imbalance()
     bench_sharded(args.sharded_steps)

@@ -153,10 +153,14 @@ class DDPNoiseScaleProbe:
 
     The hook fires only on the backward that synchronises. Under ``no_sync()`` accumulation the bucket then
     holds the rank's gradient accumulated over its micro-steps, so B_small = global batch / world size.
+
+    ``comm_hook=None`` leaves the gradients unreduced (``keep_local_hook``), for a sharded optimizer that
+    reduce-scatters them itself; ``measure`` then takes this rank's part of |G_big|^2 from the caller.
     """
 
     def __init__(self, ddp_model: torch.nn.parallel.DistributedDataParallel, *,
-                 process_group: dist.ProcessGroup | None = None, comm_hook: CommHook = default_hooks.allreduce_hook):
+                 process_group: dist.ProcessGroup | None = None,
+                 comm_hook: CommHook | None = default_hooks.allreduce_hook):
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         if self.world_size < 2:
@@ -169,27 +173,44 @@ class DDPNoiseScaleProbe:
         self._synced_backwards = 0
         ddp_model.register_comm_hook(self, _record_norms_hook)
 
-    def measure(self, *, global_batch_size: int) -> NoiseMeasurement:
+    def measure(self, *, global_batch_size: int, reduced_sq_norm_part: torch.Tensor | None = None) -> NoiseMeasurement:
         """After the synchronising backward: this step's measurement, the same on every rank.
 
-        Collective: one all-reduce of a scalar. Call it on all ranks, once per optimizer step.
-        """
+        Collective: one all-reduce of a scalar (two, stacked, with ``reduced_sq_norm_part``). Call it on all
+        ranks, once per optimizer step. Without a reducing comm hook, ``reduced_sq_norm_part`` is this rank's
+        share of |G_big|^2 (its shard of the averaged gradient), summed over ranks here."""
         if global_batch_size % self.world_size:
             raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the world size "
                              f"{self.world_size}")
-        if self._synced_backwards != 1 or len(self._local) != len(self._reduced):
+        reduces = self._comm_hook is not None
+        if self._synced_backwards != 1 or (reduces and len(self._local) != len(self._reduced)):
             raise RuntimeError(f"{self._synced_backwards} synchronising backward(s) since the last measure(); "
                                "call measure() exactly once per optimizer step, after the backward that "
                                "synchronises gradients")
-        local = torch.stack(self._local).sum()
-        reduced = torch.stack(self._reduced).sum()
+        if reduces == (reduced_sq_norm_part is not None):
+            raise ValueError("pass reduced_sq_norm_part exactly when the comm hook leaves gradients unreduced "
+                             "(comm_hook=None)")
+        local = torch.stack(self._local).sum() / self.world_size
         self._local.clear()
-        self._reduced.clear()
         self._synced_backwards = 0
-        local = local / self.world_size
-        dist.all_reduce(local, group=self.process_group)  # mean over ranks of |G_local|^2
+        if reduced_sq_norm_part is None:
+            reduced = torch.stack(self._reduced).sum()
+            self._reduced.clear()
+            dist.all_reduce(local, group=self.process_group)  # mean over ranks of |G_local|^2
+        else:
+            both = torch.stack([local, reduced_sq_norm_part.to(local.dtype)])
+            dist.all_reduce(both, group=self.process_group)
+            local, reduced = both.unbind()
         return NoiseMeasurement(small_sq_norm=local, small_batch_size=global_batch_size // self.world_size,
                                 big_sq_norm=reduced, big_batch_size=global_batch_size)
+
+
+def keep_local_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """A DDP comm hook that communicates nothing: each rank keeps its own gradient (a sharded optimizer
+    reduce-scatters it later). Under ``no_sync()`` accumulation it is the rank's sum over its micro-steps."""
+    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
 
 
 # No ``from __future__ import annotations`` in this module: DDP checks the hook's annotations as objects.
@@ -205,6 +226,8 @@ def _record_norms_hook(probe: "DDPNoiseScaleProbe", bucket: dist.GradBucket) -> 
         probe._reduced.append(squared_norm(reduced))
         return reduced
 
+    if probe._comm_hook is None:
+        return keep_local_hook(None, bucket)
     return probe._comm_hook(probe.process_group, bucket).then(record_reduced)
 
 

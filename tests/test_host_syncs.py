@@ -52,7 +52,7 @@ def recorded_host_reads() -> Iterator[list[str]]:
             setattr(torch.Tensor, name, original)
 
 
-def _steps(rank, world_size, shard):
+def _steps(rank, world_size, shard, reduction="auto"):
     from dist_train.noise_scale import GradientNoiseScale
     from dist_train.schedule import AdaptiveConfig, BatchSizeController
 
@@ -61,6 +61,7 @@ def _steps(rank, world_size, shard):
     controller = BatchSizeController(AdaptiveConfig(growth_factor=2.0, margin=1e9, min_steps_between_growths=1),
                                      start_global_batch_size=32, max_global_batch_size=128, batch_granularity=16)
     trainer = make_trainer(rank, world_size, batches=global_batches(6, 32), micro=8, optim=RADAM_LA, shard=shard,
+                           backend_options={"sharded_reduction": reduction} if shard else None,
                            noise=GradientNoiseScale(ema_decay=0.5), batch_controller=controller)
     trainer.backend.enable_noise_scale()
     trainer.cfg = replace(trainer.cfg, log_every_steps=5)  # steps 1-4 are not log steps; step 5 is
@@ -80,9 +81,10 @@ def _steps(rank, world_size, shard):
     return reads, trainer.noise.b_simple, bar_text.getvalue()
 
 
-@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "sharded"])
-def test_a_non_log_step_reads_only_the_agreed_flags_back_to_the_host(shard):
-    for reads, b_simple, bar in run_ranks(_steps, shard, world_size=2):
+@pytest.mark.parametrize("shard, reduction", [(False, "auto"), (True, "all_reduce"), (True, "reduce_scatter")],
+                         ids=["replicated", "sharded", "sharded-reduce-scatter"])
+def test_a_non_log_step_reads_only_the_agreed_flags_back_to_the_host(shard, reduction):
+    for reads, b_simple, bar in run_ranks(_steps, shard, reduction, world_size=2):
         assert b_simple is not None  # the noise scale was measured
         assert f"B_simple={b_simple:.3g}" in bar and "B=32" in bar  # the progress bar shows it on the log step
         for calls in reads:

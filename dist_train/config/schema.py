@@ -130,6 +130,11 @@ class BackendConfig:
     """Distributed backend: PyTorch DDP (NCCL on GPU, gloo on CPU) or DeepSpeed ZeRO."""
     shard_optimizer_state: bool = False
     """DDP only: shard optimizer state across ranks (ZeRO-1); each rank keeps only its share."""
+    sharded_reduction: Literal["auto", "reduce_scatter", "all_reduce"] = "auto"
+    """DDP with ``shard_optimizer_state`` only: how gradients reach the shards. ``reduce_scatter`` moves DDP's
+    bytes (reduce-scatter, then all-gather of the updated shard); ``all_reduce`` lets DDP all-reduce, overlapped
+    with the backward, and moves 1.5x. ``auto``: reduce_scatter on GPUs, all_reduce on gloo, whose
+    reduce-scatter is slower than its all-reduce (docs/performance.md)."""
     zero_stage: int = 1
     """DeepSpeed only: ZeRO stage. 0 replicates everything like DDP, 1 shards the optimizer state (and
     Lookahead's slow weights), 2 also shards the gradients."""
@@ -144,6 +149,9 @@ class BackendConfig:
         if self.name != "deepspeed" and self.deepspeed_config:
             raise ValueError(f"backend.deepspeed_config is set but backend.name={self.name!r}; set "
                              "backend.name=deepspeed or remove it")
+        if self.sharded_reduction != "auto" and not (self.name == "ddp" and self.shard_optimizer_state):
+            raise ValueError(f"backend.sharded_reduction={self.sharded_reduction!r} applies to backend.name=ddp "
+                             "with backend.shard_optimizer_state=true only; remove it or turn sharding on")
         if self.name == "deepspeed" and self.shard_optimizer_state:
             raise ValueError("backend.shard_optimizer_state is for DDP; with DeepSpeed set backend.zero_stage=1 "
                              "(or 2) instead")
@@ -158,7 +166,7 @@ class BackendConfig:
         if train.precision == "fp16":
             raise ValueError("train.precision=fp16 needs loss scaling, which only backend.name=deepspeed "
                              "provides; use bf16 or the deepspeed backend")
-        return {"precision": train.precision}
+        return {"precision": train.precision, "sharded_reduction": self.sharded_reduction}
 
 
 @dataclass(frozen=True)

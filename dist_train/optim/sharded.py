@@ -1,8 +1,18 @@
 """Optimizer state sharded across data-parallel ranks (ZeRO stage 1) for the DDP backend.
 
-After DDP has averaged the gradients, every rank holds the same gradients and parameters. Each rank
-then updates only its shard of the parameters with a local optimizer that holds only that shard's
-state (moments, Lookahead slow weights), and one all_gather hands the updated shards to every rank.
+Each rank updates only its shard of the parameters with a local optimizer that holds only that shard's
+state (moments, Lookahead slow weights), and one all-gather hands the updated shards to every rank. The
+gradients reach the shards one of two ways:
+
+* ``reduce_gradients()`` (the DDP backend's choice on NCCL): each rank holds its own, unreduced gradients
+  (DDP's comm hook leaves them local), and one reduce-scatter leaves each rank the average over ranks of
+  its shard only. Reduce-scatter plus all-gather move the bytes of one all-reduce: what DDP moves.
+* without it (the choice on gloo, and what a plain DDP model gives): DDP has all-reduced the gradients
+  already, and ``step`` takes its shard's slice of them. That moves 1.5x DDP's bytes, but on gloo it is
+  the faster of the two: gloo's reduce-scatter takes about twice its all-reduce of the same tensor
+  (benchmarks/bench_optim.py, docs/performance.md).
+
+The all-gather and the reduce-scatter work in one persistent flat buffer of parameter size, made once.
 
 Why not ``torch.distributed.optim.ZeroRedundancyOptimizer``:
 
@@ -27,7 +37,9 @@ The local optimizer's parameters are views into the model's parameters (no copy 
 and their gradients are views into the parameters' gradients. Do not replace ``p.data`` after
 building the optimizer: the views would keep pointing at the old storage.
 
-All collectives are ``all_gather`` and ``all_gather_object``, which gloo and NCCL both support.
+The collectives are ``all_gather_single``, ``reduce_scatter_single`` (torch 2.14's names for
+``all_gather_into_tensor`` and ``reduce_scatter_tensor``), ``all_gather_object`` and ``gather``; gloo and NCCL
+support all of them.
 """
 
 from __future__ import annotations
@@ -122,6 +134,14 @@ class ShardedOptimizer(Optimizer):
         self.local = make_local(local_groups)
         self.state = self.local.state
         self._pull_hyperparams()
+        owned = sum(pc.stop - pc.start for pc in self._pieces)
+        # Persistent buffers: this rank's averaged gradient shard (the local views' gradients are views into
+        # it), what this rank sends to the all-gather, and the flat buffer of every rank's shard.
+        self._grad_shard = torch.zeros(self._shard_numel, dtype=params[0].dtype, device=params[0].device)
+        self._grad_views = list(self._grad_shard[:owned].split([pc.stop - pc.start for pc in self._pieces]))
+        self._send = torch.zeros_like(self._grad_shard)
+        self._flat_buffer: torch.Tensor | None = None
+        self._reduced = False
 
     def _params(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -148,29 +168,76 @@ class ShardedOptimizer(Optimizer):
         for group, local in zip(self.param_groups, self.local.param_groups):
             group.update(_hyperparams(local))
 
+    def _flat(self) -> torch.Tensor:
+        """The persistent buffer of ``world_size`` shards, made on first use."""
+        if self._flat_buffer is None:
+            self._flat_buffer = torch.zeros(self.world_size * self._shard_numel, dtype=self._grad_shard.dtype,
+                                            device=self._grad_shard.device)
+        return self._flat_buffer
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> torch.Tensor:
+        """Average this rank's own (unreduced) gradients over ranks into its shard, by one reduce-scatter
+        (collective). The next ``step`` uses that shard instead of slicing ``p.grad``. Returns the rank's own
+        gradient, flat (in the persistent buffer: valid until ``step``), for a caller that measures it.
+
+        A parameter without a gradient counts as zeros here (DDP gives every rank the same ones)."""
+        params = self._params()
+        flat = self._flat()
+        targets = list(flat[:self._offsets[-1]].split(self._numels))
+        with_grad = [(t, _flat(p.grad, like=p)) for t, p in zip(targets, params) if p.grad is not None]
+        if len(with_grad) < len(params):
+            flat.zero_()
+        elif self._offsets[-1] < flat.numel():
+            flat[self._offsets[-1]:].zero_()  # the last shard's padding
+        if with_grad:
+            torch._foreach_copy_([t for t, _ in with_grad], [g for _, g in with_grad])
+        dist.reduce_scatter_single(self._grad_shard, flat, group=self.process_group)
+        self._grad_shard.div_(self.world_size)
+        self._reduced = True
+        return flat[:self._offsets[-1]]
+
+    def shard_gradients(self) -> list[torch.Tensor]:
+        """This rank's shard of the averaged gradient, one tensor per piece, as the next ``step`` will use it
+        (after ``reduce_gradients``): scale them in place to clip."""
+        return self._grad_views
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Also forgets a reduced shard whose step was skipped (a non-finite step)."""
+        self._reduced = False
+        super().zero_grad(set_to_none=set_to_none)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> None:  # type: ignore[override]
         if closure is not None:
             raise ValueError("the sharded optimizer takes no closure: run forward and backward before step()")
         self._push_hyperparams()
         params = self._params()
-        for view, pc in zip(self._views, self._pieces):
-            grad = params[pc.param_index].grad
-            view.grad = None if grad is None else _flat(grad, like=params[pc.param_index])[pc.start:pc.stop]
+        if not self._reduced:  # gradients already averaged (DDP's all-reduce): take this shard's slice
+            grads = [params[pc.param_index].grad for pc in self._pieces]
+            pairs = [(buf, _flat(g, like=params[pc.param_index])[pc.start:pc.stop])
+                     for buf, g, pc in zip(self._grad_views, grads, self._pieces) if g is not None]
+            if pairs:
+                torch._foreach_copy_([b for b, _ in pairs], [g for _, g in pairs])
+        for view, buf, pc in zip(self._views, self._grad_views, self._pieces):
+            view.grad = None if params[pc.param_index].grad is None else buf
         try:
             self.local.step()
         finally:
-            for view in self._views:  # hold no references to gradients the trainer will free
+            for view in self._views:
                 view.grad = None
+            self._reduced = False
         self._pull_hyperparams()
         self._gather_params(params)
 
     def _gather_params(self, params: list[torch.Tensor]) -> None:
-        """Every rank's updated shard reaches every rank."""
-        flat = self._all_gather_flat(self._views, dtype=params[0].dtype, device=params[0].device)
-        assert flat is not None  # gathered to every rank
+        """Every rank's updated shard reaches every rank, through the persistent buffers."""
+        if self._views:
+            torch.cat(self._views, out=self._send[:sum(v.numel() for v in self._views)])
+        flat = self._flat()
+        dist.all_gather_single(flat, self._send, group=self.process_group)
         targets = [_flat(p.detach(), view=True) for p in params]
-        torch._foreach_copy_(targets, list(flat.split(self._numels)))
+        torch._foreach_copy_(targets, list(flat[:self._offsets[-1]].split(self._numels)))
 
     def _all_gather_flat(self, parts: list[torch.Tensor], *, dtype: torch.dtype, device: torch.device,
                          dst: int | None = None) -> torch.Tensor | None:

@@ -12,6 +12,11 @@ Three parts, each usable alone:
 - ``AccumulationNoiseScaleProbe``: one process with gradient accumulation. A gradient hook on each
   parameter sees each micro-batch's own gradient before it is accumulated; B_small is the micro batch.
 
+Both probes can measure the preconditioned gradient instead (``SecondMomentPreconditioner``): the step an
+Adam-type optimizer takes is P^-1 g with P = sqrt(v_hat) + eps, so the noise that matters to it is that of
+P^-1 g, and B_simple = tr(P^-1 Sigma P^-1) / |P^-1 G|^2 (docs/theory.md section 2). P is fixed within a step
+(the second moments before its update), so the same two-batch-size estimator applies to P^-1 g.
+
 Both probes assume the loss of each micro-step is the mean over its samples divided by the number of
 accumulation steps, so the final gradient is the mean over the global batch (what the backends do).
 A different common scale of the gradient changes |G|^2 and tr(Sigma) by its square and leaves B_simple.
@@ -136,6 +141,63 @@ class GradientNoiseScale:
         self._state = torch.tensor([float(state[k]) for k in keys], dtype=torch.float64)
 
 
+class SecondMomentPreconditioner:
+    """P^-1 per parameter, for P = sqrt(v_hat) + eps from an Adam-type optimizer's second moments.
+
+    ``v_hat = exp_avg_sq / (1 - beta2^t)`` with the parameter's step count t and its group's ``betas`` and
+    ``eps`` (RAdam, torch's Adam and AdamW, and Lookahead over them, which shares their state). P is the
+    identity for a parameter with no second moment yet, and for our RAdam while its next step is
+    unrectified (momentum SGD: the step is then not preconditioned). A constant factor in P (RAdam's r_t,
+    the lr) changes both terms of B_simple alike and is left out.
+
+    ``inverse(p)`` caches P^-1 per parameter until the parameter's step count changes: one division per
+    element per optimizer step, and one parameter-sized buffer.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        from dist_train.optim.radam import RAdam
+
+        inner = getattr(optimizer, "inner", optimizer)  # Lookahead shares the inner optimizer's state
+        if not all("betas" in g and "eps" in g for g in inner.param_groups):
+            raise ValueError(f"the preconditioned noise scale needs an Adam-type optimizer (radam, adamw); "
+                             f"{type(inner).__name__} keeps no second moments")
+        self._optimizer = inner
+        self._rectified = isinstance(inner, RAdam)
+        self._group_of = {p: g for g in inner.param_groups for p in g["params"]}
+        self._cache: dict[torch.Tensor, tuple[int, torch.Tensor | None]] = {}
+
+    def inverse(self, param: torch.Tensor) -> torch.Tensor | None:
+        """P^-1 for ``param`` (shaped like it), or None for the identity."""
+        from dist_train.optim.radam import rectification
+
+        state = self._optimizer.state.get(param)
+        if not state or "exp_avg_sq" not in state:
+            return None
+        step = int(state["step"])  # an int for our RAdam; a CPU tensor for torch's Adam: no device sync
+        cached = self._cache.get(param)
+        if cached is not None and cached[0] == step:
+            return cached[1]
+        group = self._group_of[param]
+        beta2, eps = group["betas"][1], group["eps"]
+        inv: torch.Tensor | None
+        if self._rectified and rectification(step + 1, beta2) is None:
+            inv = None
+        else:
+            inv = ((state["exp_avg_sq"] / (1.0 - beta2**step)).sqrt_().add_(eps)).reciprocal_()
+        self._cache[param] = (step, inv)
+        return inv
+
+
+def preconditioned_sq_norm(grads: Iterable[torch.Tensor], params: Iterable[torch.Tensor],
+                           preconditioner: SecondMomentPreconditioner | None) -> torch.Tensor:
+    """sum over parameters of |P^-1 g|^2 (|g|^2 without a preconditioner), a float32 scalar tensor."""
+    terms = []
+    for g, p in zip(grads, params):
+        inv = preconditioner.inverse(p) if preconditioner is not None else None
+        terms.append(squared_norm(g if inv is None else g * inv))
+    return torch.stack(terms).sum()
+
+
 def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
     """|tensor|^2 as a float32 scalar tensor on the tensor's device (no host sync)."""
     return torch.linalg.vector_norm(tensor, dtype=torch.float32).square()
@@ -156,12 +218,17 @@ class DDPNoiseScaleProbe:
 
     ``comm_hook=None`` leaves the gradients unreduced (``keep_local_hook``), for a sharded optimizer that
     reduce-scatters them itself; ``measure`` then takes this rank's part of |G_big|^2 from the caller.
+
+    With a ``preconditioner`` the norms are of P^-1 g: the local ones per parameter of each bucket, and the
+    averaged one from the parameters' gradients in ``measure(params=...)``, after the reduction.
     """
 
     def __init__(self, ddp_model: torch.nn.parallel.DistributedDataParallel, *,
                  process_group: dist.ProcessGroup | None = None,
-                 comm_hook: CommHook | None = default_hooks.allreduce_hook):
+                 comm_hook: CommHook | None = default_hooks.allreduce_hook,
+                 preconditioner: SecondMomentPreconditioner | None = None):
         self.process_group = process_group
+        self.preconditioner = preconditioner
         self.world_size = dist.get_world_size(process_group)
         if self.world_size < 2:
             raise ValueError("DDPNoiseScaleProbe needs at least 2 ranks; with one process use "
@@ -173,17 +240,20 @@ class DDPNoiseScaleProbe:
         self._synced_backwards = 0
         ddp_model.register_comm_hook(self, _record_norms_hook)
 
-    def measure(self, *, global_batch_size: int, reduced_sq_norm_part: torch.Tensor | None = None) -> NoiseMeasurement:
+    def measure(self, *, global_batch_size: int, reduced_sq_norm_part: torch.Tensor | None = None,
+                params: Iterable[torch.Tensor] = ()) -> NoiseMeasurement:
         """After the synchronising backward: this step's measurement, the same on every rank.
 
         Collective: one all-reduce of a scalar (two, stacked, with ``reduced_sq_norm_part``). Call it on all
         ranks, once per optimizer step. Without a reducing comm hook, ``reduced_sq_norm_part`` is this rank's
-        share of |G_big|^2 (its shard of the averaged gradient), summed over ranks here."""
+        share of |G_big|^2 (its shard of the averaged gradient), summed over ranks here. With a
+        preconditioner, ``params`` are the model's parameters, whose averaged gradients give |P^-1 G_big|^2."""
         if global_batch_size % self.world_size:
             raise ValueError(f"global_batch_size={global_batch_size} is not divisible by the world size "
                              f"{self.world_size}")
         reduces = self._comm_hook is not None
-        if self._synced_backwards != 1 or (reduces and len(self._local) != len(self._reduced)):
+        records_reduced = reduces and self.preconditioner is None
+        if self._synced_backwards != 1 or (records_reduced and len(self._local) != len(self._reduced)):
             raise RuntimeError(f"{self._synced_backwards} synchronising backward(s) since the last measure(); "
                                "call measure() exactly once per optimizer step, after the backward that "
                                "synchronises gradients")
@@ -194,7 +264,13 @@ class DDPNoiseScaleProbe:
         self._local.clear()
         self._synced_backwards = 0
         if reduced_sq_norm_part is None:
-            reduced = torch.stack(self._reduced).sum()
+            if records_reduced:
+                reduced = torch.stack(self._reduced).sum()
+            else:
+                pairs = [(p.grad, p) for p in params if p.grad is not None]
+                if not pairs:
+                    raise ValueError("a preconditioned measure() needs the model's parameters, with gradients")
+                reduced = preconditioned_sq_norm([g for g, _ in pairs], [p for _, p in pairs], self.preconditioner)
             self._reduced.clear()
             dist.all_reduce(local, group=self.process_group)  # mean over ranks of |G_local|^2
         else:
@@ -216,7 +292,10 @@ def keep_local_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Fut
 # No ``from __future__ import annotations`` in this module: DDP checks the hook's annotations as objects.
 def _record_norms_hook(probe: "DDPNoiseScaleProbe", bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     # Before the reduction the bucket holds this rank's gradient; the inner hook divides it in place.
-    probe._local.append(squared_norm(bucket.buffer()))
+    if probe.preconditioner is None:
+        probe._local.append(squared_norm(bucket.buffer()))
+    else:
+        probe._local.append(preconditioned_sq_norm(bucket.gradients(), bucket.parameters(), probe.preconditioner))
     if bucket.is_last():
         probe._synced_backwards += 1
 
@@ -228,6 +307,8 @@ def _record_norms_hook(probe: "DDPNoiseScaleProbe", bucket: dist.GradBucket) -> 
 
     if probe._comm_hook is None:
         return keep_local_hook(None, bucket)
+    if probe.preconditioner is not None:  # the averaged norm comes from the parameters' gradients in measure()
+        return probe._comm_hook(probe.process_group, bucket)
     return probe._comm_hook(probe.process_group, bucket).then(record_reduced)
 
 
@@ -241,8 +322,10 @@ class AccumulationNoiseScaleProbe:
     so nothing piles up. ``remove()`` takes the hooks off.
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter]):
+    def __init__(self, params: Iterable[torch.nn.Parameter], *,
+                 preconditioner: SecondMomentPreconditioner | None = None):
         self.params = [p for p in params if p.requires_grad]
+        self.preconditioner = preconditioner
         # Squared norms of this backward's parameter gradients, by parameter index, until after_micro_backward().
         self._pending: dict[int, torch.Tensor] = {}
         self._micro_sq_norms: list[torch.Tensor] = []
@@ -251,7 +334,7 @@ class AccumulationNoiseScaleProbe:
     def _record(self, index: int, grad: torch.Tensor) -> None:
         if index in self._pending:  # a new backward, and the previous one was never closed: drop it
             self._pending.clear()
-        self._pending[index] = squared_norm(grad)
+        self._pending[index] = preconditioned_sq_norm([grad], [self.params[index]], self.preconditioner)
 
     def after_micro_backward(self) -> None:
         """Call right after each micro-step's ``backward()``; grads accumulate and are zeroed between steps."""
@@ -268,7 +351,8 @@ class AccumulationNoiseScaleProbe:
             raise RuntimeError(f"{steps} micro-step(s) recorded since the last measure(), and "
                                f"{'some' if self._pending else 'no'} unmarked backward; the accumulation probe "
                                "needs >= 2, each followed by after_micro_backward()")
-        big = torch.stack([squared_norm(p.grad) for p in self.params if p.grad is not None]).sum()
+        pairs = [(p.grad, p) for p in self.params if p.grad is not None]
+        big = preconditioned_sq_norm([g for g, _ in pairs], [p for _, p in pairs], self.preconditioner)
         # The loss is divided by the accumulation steps, so each micro-step's gradient is 1/steps of its
         # micro-batch mean gradient.
         small = torch.stack(self._micro_sq_norms).mean() * steps**2

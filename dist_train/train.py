@@ -99,7 +99,8 @@ def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Preci
 
     dataset_size = int(manifest["splits"]["train"]["num_samples"])
     model = build_model(cfg.model.name, num_classes=len(manifest["classes"]),
-                        in_channels=manifest["image"]["channels"], width=cfg.model.width)
+                        in_channels=manifest["image"]["channels"], width=cfg.model.width,
+                        zero_init_residual=cfg.model.zero_init_residual)
     apply_memory_format(model, channels_last=cfg.model.channels_last, device=info.device)  # CPU-safe: docs/cpu.md
     if cfg.model.compile:
         compile_in_place(model)
@@ -109,7 +110,7 @@ def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Preci
     schedule = Schedule(cfg.schedule, base_lr=cfg.optim.lr, base_momentum=cfg.optim.momentum,
                         base_global_batch_size=cfg.train.global_batch_size, dataset_size=dataset_size,
                         optimizer_family=optimizer_family(cfg.optim.name),
-                        batch_granularity=cfg.train.micro_batch_size * info.world_size)
+                        batch_granularity=cfg.train.micro_batch_size * info.world_size, total_epochs=cfg.train.epochs)
     noise, controller = _noise_scale(cfg, backend, schedule, info)
     mean, std = loader.NORMALISATION.get(manifest["dataset"], ((0.5,) * manifest["image"]["channels"],) * 2)
     micro = cfg.train.micro_batch_size
@@ -182,7 +183,7 @@ def _noise_scale(cfg: Config, backend: Any, schedule: Any, info: Any) -> tuple[A
     if not isinstance(backend, MeasuresNoiseScale):
         raise ConfigError(f"backend.name={cfg.backend.name} cannot measure the gradient noise scale; set "
                           f"schedule.noise_scale.enabled=false and use a schedule.mode other than adaptive")
-    backend.enable_noise_scale()
+    backend.enable_noise_scale(preconditioned=cfg.schedule.noise_scale.preconditioned)
     noise = GradientNoiseScale(ema_decay=cfg.schedule.noise_scale.ema_decay)
     if not adaptive:
         return noise, None

@@ -25,8 +25,8 @@ SLOW_MODEL_FILE = "model-slow.pt"  # with Lookahead: the slow weights, as a modu
 class MeasuresNoiseScale(Protocol):
     """Measures |G_small|^2 and |G_big|^2 each step (docs/theory.md section 2)."""
 
-    def enable_noise_scale(self) -> None:
-        """Start measuring; call after ``setup``."""
+    def enable_noise_scale(self, *, preconditioned: bool = False) -> None:
+        """Start measuring; call after ``setup``. ``preconditioned``: of P^-1 g (Adam-type optimizers)."""
 
     def noise_measurement(self) -> NoiseMeasurement | None:
         """This step's measurement after the synced backward and before ``optimizer_step``; None when not

@@ -17,6 +17,7 @@ from dist_train.noise_scale import (
     AccumulationNoiseScaleProbe,
     DDPNoiseScaleProbe,
     NoiseMeasurement,
+    SecondMomentPreconditioner,
     keep_local_hook,
     squared_norm,
 )
@@ -95,17 +96,23 @@ class DDPBackend(LookaheadSlowWeights, Backend):
         if isinstance(self._probe, AccumulationNoiseScaleProbe) and self.accum_steps > 1:
             self._probe.after_micro_backward()
 
-    def enable_noise_scale(self) -> None:
+    def enable_noise_scale(self, *, preconditioned: bool = False) -> None:
         # Across ranks, a comm hook sees each rank's gradient before the all-reduce (B_small = B / world);
         # in one process, the micro-batches of an accumulated step are the small batches.
+        preconditioner = None
+        if preconditioned:
+            if isinstance(self._optimizer, ShardedOptimizer):
+                raise ValueError("the preconditioned noise scale needs replicated optimizer state: with sharded "
+                                 "state each rank holds 1/world of P; set backend.shard_optimizer_state=false")
+            preconditioner = SecondMomentPreconditioner(self._optimizer)
         if isinstance(self._model, DistributedDataParallel):
             if self._hook_registered:
                 raise RuntimeError("enable_noise_scale() must come before the first backward")
             self._probe = (DDPNoiseScaleProbe(self._model, comm_hook=None) if self._reduce_scatter
-                           else DDPNoiseScaleProbe(self._model))
+                           else DDPNoiseScaleProbe(self._model, preconditioner=preconditioner))
             self._hook_registered = True
         else:
-            self._probe = AccumulationNoiseScaleProbe(self._module.parameters())
+            self._probe = AccumulationNoiseScaleProbe(self._module.parameters(), preconditioner=preconditioner)
 
     def _reduce(self) -> None:
         """Reduce-scatter mode, once after the synchronising backward: average the gradients into the shards
@@ -121,7 +128,7 @@ class DDPBackend(LookaheadSlowWeights, Backend):
     def noise_measurement(self) -> NoiseMeasurement | None:
         if isinstance(self._probe, DDPNoiseScaleProbe):
             if not self._reduce_scatter:
-                return self._probe.measure(global_batch_size=self.global_batch_size)
+                return self._probe.measure(global_batch_size=self.global_batch_size, params=self._module.parameters())
             self._reduce()
             measurement = self._probe.measure(global_batch_size=self.global_batch_size,
                                               reduced_sq_norm_part=self._reduced_sq_norm)

@@ -274,7 +274,7 @@ class DeepSpeedBackend(LookaheadSlowWeights, Backend):
         return torch.nn.utils.get_total_norm(grads)
 
     # --- gradient noise scale ------------------------------------------------------------------
-    def enable_noise_scale(self) -> None:
+    def enable_noise_scale(self, *, preconditioned: bool = False) -> None:
         """Measure per micro-batch: B_small is the micro-batch, |G_small|^2 the mean over ranks and
         micro-steps of each micro-batch's local gradient norm, read in tensor hooks on the parameters.
 
@@ -285,6 +285,9 @@ class DeepSpeedBackend(LookaheadSlowWeights, Backend):
         """
         from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
+        if preconditioned:
+            raise ValueError("the preconditioned noise scale is built for backend.name=ddp only (DeepSpeed keeps "
+                             "the second moments in its partitions); use backend.name=ddp, or measure raw gradients")
         if not (self._steps_module_directly() or isinstance(self._engine.optimizer, DeepSpeedZeroOptimizer)):
             raise ValueError(f"the noise-scale measurement needs DeepSpeed's ZeRO-1/2 optimizer or fp32 ZeRO-0, "
                              f"but backend.zero_stage={self.zero_stage} with train.precision={self.precision} "

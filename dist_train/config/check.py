@@ -21,11 +21,13 @@ def check(cfg: Config, world_size: int | None = None) -> None:
     """Raise ``ConfigError`` for the first cross-section rule ``cfg`` breaks.
 
     ``world_size`` adds the rules that need it: every global batch the schedule will use (the start, the
-    momentum rule's, each milestone's, the cap, the adaptive ladder) must divide into micro-batches over
-    that many ranks. Without it only the rules that hold at any world size are checked."""
+    momentum rule's, each milestone's, the cap, the adaptive ladder; the cosine twin rounds its own) must
+    divide into micro-batches over that many ranks. Without it only the rules that hold at any world size are
+    checked."""
     _check_precision(cfg)
     _check_compile(cfg)
     _check_optimizer_and_schedule(cfg)
+    _check_preconditioned_noise_scale(cfg)
     if world_size is not None:
         _check_batches(cfg, world_size)
 
@@ -57,12 +59,35 @@ def _check_compile(cfg: Config) -> None:
 
 def _check_optimizer_and_schedule(cfg: Config) -> None:
     from dist_train.schedule import optimizer_family
+    from dist_train.schedule.config import COSINE_MODES
 
     if cfg.schedule.momentum_rule_momentum is not None and optimizer_family(cfg.optim.name) != "sgd":
         raise ConfigError(f"schedule.momentum_rule_momentum applies to momentum SGD, not optim.name="
                           f"{cfg.optim.name}: with normalised momentum (radam, qhm, adamw) beta does not change "
                           f"the noise scale alpha N / B, so there is no batch to trade for it; remove "
                           f"schedule.momentum_rule_momentum, or use optim.name=sgd")
+    mode, warmup = cfg.schedule.mode, cfg.schedule.warmup_epochs
+    if mode in COSINE_MODES and not cfg.train.epochs > warmup:
+        raise ConfigError(f"schedule.mode={mode} decays along a cosine over train.epochs, which must be > "
+                          f"schedule.warmup_epochs={warmup:g}, got train.epochs={cfg.train.epochs:g}; set train.epochs "
+                          f"(train.max_steps alone gives the cosine no length)")
+
+
+def _check_preconditioned_noise_scale(cfg: Config) -> None:
+    if not cfg.schedule.noise_scale.preconditioned:
+        return
+    if not cfg.schedule.noise_scale.enabled:
+        raise ConfigError("schedule.noise_scale.preconditioned=true but the noise scale is off; set "
+                          "schedule.noise_scale.enabled=true, or remove preconditioned")
+    if cfg.optim.name not in ("radam", "adamw"):
+        raise ConfigError(f"schedule.noise_scale.preconditioned needs an optimizer with second moments (radam, "
+                          f"adamw); optim.name={cfg.optim.name} has none: its step is the raw gradient's, so "
+                          f"remove preconditioned")
+    if cfg.backend.name != "ddp" or cfg.backend.shard_optimizer_state:
+        raise ConfigError("schedule.noise_scale.preconditioned is built for backend.name=ddp with replicated "
+                          "optimizer state only (with sharded state each rank holds 1/world of P: not built "
+                          "yet); set backend.shard_optimizer_state=false or backend.name=ddp, or remove "
+                          "preconditioned")
 
 
 def _check_batches(cfg: Config, world_size: int) -> None:
@@ -81,7 +106,8 @@ def _check_batches(cfg: Config, world_size: int) -> None:
             warnings.simplefilter("ignore")  # a rounded milestone is warned about once, at run time
             schedule = Schedule(schedule_cfg, base_lr=cfg.optim.lr, base_momentum=cfg.optim.momentum,
                                 base_global_batch_size=train.global_batch_size, dataset_size=1_281_167,
-                                optimizer_family=optimizer_family(cfg.optim.name), batch_granularity=granularity)
+                                optimizer_family=optimizer_family(cfg.optim.name), batch_granularity=granularity,
+                                total_epochs=train.epochs)
             if schedule_cfg.mode == "adaptive":
                 BatchSizeController(schedule_cfg.adaptive, start_global_batch_size=schedule.start_global_batch_size,
                                     max_global_batch_size=schedule_cfg.max_global_batch_size,

@@ -21,6 +21,10 @@ class NoiseScaleConfig:
     """Measure the gradient noise scale B_simple every step and log it (one extra scalar all-reduce per step)."""
     ema_decay: float = 0.99
     """Decay of the moving averages of |G|^2 and tr(Sigma); about 2/(1-decay) steps are averaged."""
+    preconditioned: bool = False
+    """Measure the noise of the step an Adam-type optimizer takes, P^-1 g with P = sqrt(v_hat) + eps from its
+    second moments, instead of the raw gradient's: B_simple = tr(P^-1 Sigma P^-1) / |P^-1 G|^2 (docs/theory.md
+    section 2). For radam and adamw (with or without Lookahead), with DDP and replicated optimizer state."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_decay < 1.0:

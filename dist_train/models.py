@@ -24,9 +24,13 @@ class _BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """He et al.'s 6n+2-layer ResNet for small images: three stages of n blocks, widths w, 2w, 4w."""
+    """He et al.'s 6n+2-layer ResNet for small images: three stages of n blocks, widths w, 2w, 4w.
 
-    def __init__(self, depth: int, *, num_classes: int, in_channels: int, width: int = 16):
+    ``zero_init_residual`` starts the last BN's weight of every block at 0, as torchvision's option of that
+    name does for its ResNets: each block then begins as relu(shortcut(x))."""
+
+    def __init__(self, depth: int, *, num_classes: int, in_channels: int, width: int = 16,
+                 zero_init_residual: bool = False):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"a CIFAR ResNet has depth 6n+2 (8, 20, 32, 56, ...), not {depth}")
@@ -42,21 +46,28 @@ class CifarResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        if zero_init_residual:
+            for block in blocks:
+                nn.init.zeros_(block.bn2.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.blocks(self.stem(x))
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def build_model(name: str, *, num_classes: int, in_channels: int = 3, width: int = 16) -> nn.Module:
-    """A freshly initialised model. Raises ValueError naming the valid choices for an unknown name."""
+def build_model(name: str, *, num_classes: int, in_channels: int = 3, width: int = 16,
+                zero_init_residual: bool = False) -> nn.Module:
+    """A freshly initialised model. Raises ValueError naming the valid choices for an unknown name.
+
+    ``zero_init_residual`` zeroes the last BN weight (gamma) of each residual block (``model.zero_init_residual``)."""
     if name.startswith("cifar_resnet") and name[len("cifar_resnet"):].isdigit():
         return CifarResNet(int(name[len("cifar_resnet"):]), num_classes=num_classes, in_channels=in_channels,
-                           width=width)
+                           width=width, zero_init_residual=zero_init_residual)
     if name in ("resnet18", "resnet34", "resnet50", "resnet101"):
         import torchvision
 
-        model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+        model = getattr(torchvision.models, name)(weights=None, num_classes=num_classes,
+                                                  zero_init_residual=zero_init_residual)
         if in_channels != 3:
             model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         return model

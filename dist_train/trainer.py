@@ -223,7 +223,8 @@ class Trainer:
     def train_step(self, state: ScheduleState, *, preemption: PreemptionFlag | None = None) -> StepFlags:
         """One optimizer step at the schedule's ``state``: exactly ``state.global_batch_size`` samples.
 
-        Returns what every rank agreed on after it: skip (non-finite), stop, requeue, checkpoint."""
+        Returns what every rank agreed on after it: skip (non-finite), stop, requeue, checkpoint. The loss is
+        cross-entropy with ``train.label_smoothing``; ``evaluate`` keeps plain cross-entropy."""
         backend = self.backend
         accum_steps = backend.set_global_batch_size(state.global_batch_size)
         self.parts.set_hyperparams(backend.optimizer, lr=state.lr, momentum=state.momentum)
@@ -237,7 +238,7 @@ class Trainer:
             with backend.grad_sync(i == accum_steps - 1):
                 with backend.autocast():
                     logits = backend.model(images)
-                    loss = F.cross_entropy(logits.float(), labels)
+                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.label_smoothing)
                 backend.backward(loss / accum_steps)
             step_loss += loss.detach()
             self._window.add(loss.detach(), logits.detach(), labels, batch["bad_samples"])
@@ -322,7 +323,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss, top-1 and top-5 over the whole evaluation split; each sample counted once across ranks."""
+        """Loss (plain cross-entropy, without the training loss's label smoothing), top-1 and top-5 over the
+        whole evaluation split; each sample counted once across ranks."""
         module = self.backend.module
         module.eval()
         totals = torch.zeros(4, dtype=torch.float64, device=self.backend.info.device)

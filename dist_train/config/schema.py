@@ -58,6 +58,11 @@ class ModelConfig:
     the few convolutions that oneDNN mishandles in it stay in the default layout (docs/cpu.md)."""
     width: int = 16
     """Channels in the first stage of a CIFAR-style ResNet (ignored by torchvision models)."""
+    zero_init_residual: bool = False
+    """Start the last BatchNorm weight (gamma) of every residual block at 0, so that each block begins as
+    relu(shortcut(x)) and a deep ResNet starts as a shallow one (Goyal et al. 2017). torchvision's own
+    ``zero_init_residual`` for its ResNets, the same rule for the CIFAR ones. A fresh model only: a resumed
+    run loads its weights."""
     compile: bool = False
     """``torch.compile`` the model (inductor; on CPU it needs g++ and Python's headers). DDP only for now.
     Checkpoints keep the plain parameter names. The first steps pay the compile (docs/performance.md)."""
@@ -97,6 +102,11 @@ class TrainConfig:
     and count it (``train/skipped_steps``)."""
     grad_clip_norm: float = 0.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    label_smoothing: float = 0.0
+    """Label smoothing epsilon of the training loss, through torch's ``cross_entropy(label_smoothing=)``: the
+    target puts 1 - epsilon on the label and spreads epsilon evenly over all classes. The evaluation loss stays
+    plain cross-entropy, so with epsilon > 0 ``train/loss`` (which cannot fall to 0) and ``eval/loss`` measure
+    different things. 0 turns it off; 0.1 is the usual ImageNet value."""
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
     dist_timeout_s: int = 1800
@@ -122,6 +132,9 @@ class TrainConfig:
             raise ValueError("set train.epochs > 0 or train.max_steps > 0, or the run has no length")
         if self.log_every_steps < 1:
             raise ValueError("train.log_every_steps must be >= 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"train.label_smoothing={self.label_smoothing} must be in [0, 1), e.g. 0.1 (0 turns "
+                             f"it off)")
 
 
 @dataclass(frozen=True)

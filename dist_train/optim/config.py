@@ -5,6 +5,7 @@ docs/optimizers.md explains each optimizer and what ``momentum`` means for it.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -40,7 +41,12 @@ class OptimConfig:
     qhm_nu: float = 0.7
     """qhm: gamma in docs/theory.md section 5 (1 = heavy ball, beta = Nesterov)."""
     weight_decay: float = 5e-4
-    """Weight decay; biases and normalisation weights are excluded."""
+    """Weight decay; biases and normalisation weights are excluded unless ``weight_decay_norm_and_bias``."""
+    weight_decay_norm_and_bias: bool = False
+    """Decay every parameter with ``weight_decay``, biases and normalisation weights (all parameters of at most
+    one dimension) included, as torchvision's reference training script does by default. Off, those get none,
+    as in timm. On, the optimizer has one parameter group instead of two, so a checkpoint resumes only with
+    the setting it was written with."""
     decoupled_weight_decay: bool = False
     """Decoupled (AdamW-style) weight decay instead of L2 added to the gradient. radam and qhm offer both;
     sgd is L2 only, adamw decoupled only."""
@@ -60,6 +66,9 @@ class OptimConfig:
             raise ValueError(f"optim.qhm_nu={self.qhm_nu} must be in [0, 1] (1 = heavy ball, momentum = Nesterov)")
         if self.weight_decay < 0:
             raise ValueError(f"optim.weight_decay={self.weight_decay} must be >= 0")
+        if self.weight_decay_norm_and_bias and self.weight_decay == 0:
+            warnings.warn("optim.weight_decay_norm_and_bias=true does nothing with optim.weight_decay=0: no "
+                          "parameter is decayed", stacklevel=3)
         self._check_name_specific()
 
     def _check_name_specific(self) -> None:

@@ -14,15 +14,16 @@ from dist_train.optim.sharded import ShardedOptimizer
 from dist_train.optim_info import optim_info
 
 
-def param_groups(model: torch.nn.Module, *, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, *, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
     """Two groups: weights with ``weight_decay``, then biases and normalisation weights (every parameter
-    with at most one dimension) without. Empty groups are left out; frozen parameters too."""
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    with at most one dimension) without. ``decay_norm_and_bias`` makes it one group, every parameter in
+    ``model.parameters()`` order with ``weight_decay``. Empty groups are left out; frozen parameters too."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if decay_norm_and_bias:
+        groups = [{"params": trainable, "weight_decay": weight_decay}]
+    else:
+        groups = [{"params": [p for p in trainable if p.ndim > 1], "weight_decay": weight_decay},
+                  {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
 
@@ -33,7 +34,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, *, shard: bool = F
     must be averaged before ``step``). Without a process group, or at world size 1, it builds the plain
     optimizer, whose state dict is the one the sharded optimizer saves and loads.
     """
-    groups = param_groups(model, weight_decay=cfg.weight_decay)
+    groups = param_groups(model, weight_decay=cfg.weight_decay, decay_norm_and_bias=cfg.weight_decay_norm_and_bias)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     make_local = functools.partial(_build_local, cfg=cfg)

@@ -87,6 +87,8 @@ def _precision(cfg: Config, info: Any, *, recorded: str | None) -> Precision:
 
 def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Precision, checkpointer: Any) -> Any:
     """Model, backend, schedule, noise scale and data of the run, as the Trainer's parts (no tracker yet)."""
+    import torch
+
     from dist_train.backends import build_backend
     from dist_train.cpu import apply_memory_format
     from dist_train.data import loader
@@ -101,6 +103,13 @@ def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Preci
     model = build_model(cfg.model.name, num_classes=len(manifest["classes"]),
                         in_channels=manifest["image"]["channels"], width=cfg.model.width,
                         zero_init_residual=cfg.model.zero_init_residual)
+    if cfg.model.sync_batch_norm:
+        if info.device.type != "cuda":  # train.device=auto found no GPU: the config check could not know
+            from dist_train.config import ConfigError
+            from dist_train.config.check import SYNC_BN_CPU
+
+            raise ConfigError(SYNC_BN_CPU)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     apply_memory_format(model, channels_last=cfg.model.channels_last, device=info.device)  # CPU-safe: docs/cpu.md
     if cfg.model.compile:
         compile_in_place(model)

@@ -7,6 +7,7 @@ Each test also shows that the default behaves differently, so it could fail.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -184,3 +185,53 @@ def test_sharded_optimizer_decays_the_same_parameters_on_two_ranks():
     for result in run_ranks(_sharded_rank, world_size=2):
         for on, pairs in result.items():
             _expect(pairs, decay_norm_and_bias=on, wd=0.1)
+
+
+# --- SyncBatchNorm ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, words", [
+    (["train.device=cpu"], ["model.sync_batch_norm=false", "CPU"]),
+    (["backend.name=deepspeed"], ["backend.name=ddp"]),
+])
+def test_sync_batch_norm_is_refused_where_it_cannot_run(overrides, words):
+    from dist_train.config import check
+
+    cfg = load_config("configs/demo.yaml", ["model.sync_batch_norm=true", *overrides])
+    with pytest.raises(ConfigError) as err:
+        check(cfg)
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_sync_batch_norm_on_a_cpu_found_at_run_time_is_a_config_error(tmp_path):
+    # train.device=auto passes the check; the run finds no GPU and must say so before building the backend.
+    from dist_train.distributed import DistInfo
+    from dist_train.train import _parts
+
+    cfg = load_config("configs/demo.yaml", ["model.sync_batch_norm=true", "train.device=auto"])
+    info = DistInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, device=torch.device("cpu"))
+    manifest = {"splits": {"train": {"num_samples": 10}}, "classes": list("abcdefghij"), "image": {"channels": 1}}
+    with pytest.raises(ConfigError, match="model.sync_batch_norm=false"):
+        _parts(cfg, info, manifest, precision="fp32", checkpointer=None)
+
+
+def _sync_bn_rank(rank: int, world_size: int):
+    torch.cuda.set_device(0)
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).cuda()
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    x = torch.randn(8, 3, 6, 6, device="cuda")
+    out_plain, out_synced = plain(x), synced(x)
+    return (torch.equal(out_plain, out_synced) or torch.allclose(out_plain, out_synced, atol=1e-5),
+            torch.allclose(plain[1].running_mean, synced[1].running_mean, atol=1e-6))
+
+
+@pytest.mark.gpu
+def test_sync_batch_norm_on_one_gpu_rank_equals_batch_norm():
+    # One NCCL rank: the synced statistics are the local ones, so outputs and running stats agree.
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29561", rank=0, world_size=1)
+    try:
+        assert _sync_bn_rank(0, 1) == (True, True)
+    finally:
+        dist.destroy_process_group()

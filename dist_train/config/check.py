@@ -26,6 +26,7 @@ def check(cfg: Config, world_size: int | None = None) -> None:
     checked."""
     _check_precision(cfg)
     _check_compile(cfg)
+    _check_sync_batch_norm(cfg)
     _check_optimizer_and_schedule(cfg)
     _check_preconditioned_noise_scale(cfg)
     if world_size is not None:
@@ -55,6 +56,20 @@ def _check_compile(cfg: Config) -> None:
     if cfg.model.compile and cfg.backend.name == "deepspeed":
         raise ConfigError("model.compile=true with backend.name=deepspeed: not built yet (DeepSpeed's ZeRO hooks on "
                           "a compiled module are untested here); use backend.name=ddp, or model.compile=false")
+
+
+SYNC_BN_CPU = ("model.sync_batch_norm=true needs CUDA GPUs: torch's SyncBatchNorm raises on CPU inputs; set "
+               "model.sync_batch_norm=false on CPU (each rank then normalises over its own micro-batch)")
+
+
+def _check_sync_batch_norm(cfg: Config) -> None:
+    if not cfg.model.sync_batch_norm:
+        return
+    if cfg.backend.name != "ddp":
+        raise ConfigError(f"model.sync_batch_norm=true is built for backend.name=ddp; with backend.name="
+                          f"{cfg.backend.name} set model.sync_batch_norm=false")
+    if cfg.train.device == "cpu":
+        raise ConfigError(SYNC_BN_CPU)
 
 
 def _check_optimizer_and_schedule(cfg: Config) -> None:

@@ -58,6 +58,10 @@ class ModelConfig:
     the few convolutions that oneDNN mishandles in it stay in the default layout (docs/cpu.md)."""
     width: int = 16
     """Channels in the first stage of a CIFAR-style ResNet (ignored by torchvision models)."""
+    sync_batch_norm: bool = False
+    """DDP on GPUs only: BatchNorm statistics over the whole global micro-batch, all ranks together
+    (``torch.nn.SyncBatchNorm.convert_sync_batchnorm``), instead of over each rank's micro-batch. One
+    all-reduce per BN layer per forward. torch's SyncBatchNorm raises on CPU inputs, so CPU runs refuse it."""
     zero_init_residual: bool = False
     """Start the last BatchNorm weight (gamma) of every residual block at 0, so that each block begins as
     relu(shortcut(x)) and a deep ResNet starts as a shallow one (Goyal et al. 2017). torchvision's own

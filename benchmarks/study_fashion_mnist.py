@@ -209,10 +209,13 @@ def planned_batches(setting: Setting, *, dataset_size: int = N_TRAIN, world_size
     """Every global batch ``setting`` trains with, checked to need no rounding and to divide into micro-batches.
 
     Raises ValueError if a batch is not a multiple of micro-batch x world size or had to be rounded (the
-    schedule would change the protocol's noise scale). For the adaptive mode, the controller's whole ladder.
+    schedule would change the protocol's noise scale). For the adaptive mode, the controller's whole ladder;
+    for the cosine modes, each batch in the order a run meets it (the twin's warning about its per-step
+    rounding counts as rounding).
     """
     from dist_train.config import accumulation_steps, load_config
     from dist_train.schedule import BatchSizeController, Schedule, optimizer_family
+    from dist_train.schedule.config import COSINE_MODES
 
     cfg = load_config(None, [*COMMON, *setting.overrides])
     granularity = cfg.train.micro_batch_size * world_size
@@ -220,7 +223,8 @@ def planned_batches(setting: Setting, *, dataset_size: int = N_TRAIN, world_size
         warnings.simplefilter("error")  # a rounded milestone batch is an error here, not a warning
         schedule = Schedule(cfg.schedule, base_lr=cfg.optim.lr, base_momentum=cfg.optim.momentum,
                             base_global_batch_size=cfg.train.global_batch_size, dataset_size=dataset_size,
-                            optimizer_family=optimizer_family(cfg.optim.name), batch_granularity=granularity)
+                            optimizer_family=optimizer_family(cfg.optim.name), batch_granularity=granularity,
+                            total_epochs=cfg.train.epochs)
     if cfg.schedule.mode == "adaptive":
         controller = BatchSizeController(cfg.schedule.adaptive,
                                          start_global_batch_size=schedule.start_global_batch_size,
@@ -234,6 +238,12 @@ def planned_batches(setting: Setting, *, dataset_size: int = N_TRAIN, world_size
         planned = [round(batches[0] * cfg.schedule.adaptive.growth_factor ** k) for k in range(len(batches))]
         if batches != [min(b, cfg.schedule.max_global_batch_size) for b in planned]:
             raise ValueError(f"{setting.name}: the adaptive ladder {batches} was rounded away from {planned}")
+    elif cfg.schedule.mode in COSINE_MODES:  # the twin's batch may move at any step: walk the run
+        batches, samples = [], 0
+        while samples < cfg.train.epochs * dataset_size:
+            batch = schedule.state_at(samples).global_batch_size
+            batches += [batch] if not batches or batch != batches[-1] else []
+            samples += batch
     else:
         batches = [schedule.state_at(math.ceil(m * dataset_size)).global_batch_size
                    for m in (0.0, *cfg.schedule.milestones_epochs)]

@@ -12,7 +12,8 @@ REAL_KEYS = sorted(flatten(Config()))
 SECTIONS = sorted({k.split(".")[0] for k in REAL_KEYS})
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**12), st.floats(allow_nan=True),
-                    st.text(max_size=12), st.sampled_from(["radam", "sgd", "hybrid", "inf", "1e-3", "[1, 2]", "{}"]))
+                    st.text(max_size=12), st.sampled_from(["radam", "sgd", "hybrid", "increase_batch_cosine", "inf",
+                                                           "1e-3", "[1, 2]", "{}"]))
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
                                                          st.dictionaries(st.text(max_size=6), inner, max_size=3)),
                       max_leaves=6)

@@ -49,6 +49,18 @@ def test_every_batch_of_every_schedule_divides_into_micro_batches(study, world_s
         assert batches == expected[setting.name.split("-")[0]], setting.name
 
 
+def test_planned_batches_walk_the_cosine_modes(study):
+    # Not settings of the study (its protocol is Smith's milestones), but the check must not pass them blindly.
+    cosine = study.Setting("cosine-sgd", ("schedule.mode=cosine", *study.OPTIMIZERS["sgd"]))
+    assert study.planned_batches(cosine) == [128]
+    twin = ("schedule.mode=increase_batch_cosine", "schedule.max_global_batch_size=16000", *study.OPTIMIZERS["sgd"])
+    with pytest.raises(UserWarning, match="rounded at every step"):  # 64 / (2 x 128): g up to 25% off
+        study.planned_batches(study.Setting("twin-sgd", twin))
+    batches = study.planned_batches(study.Setting("twin-sgd", (*twin, "train.global_batch_size=6400")))
+    assert batches[0] == 6400 and batches[-1] == 16000 and batches == sorted(batches)
+    assert all(b % 64 == 0 for b in batches) and len(batches) > 10
+
+
 def test_a_run_that_dies_by_a_signal_fails_only_its_own_setting(study, tmp_path, monkeypatch):
     # A native crash (the oneDNN bug of docs/cpu.md was one) kills the process of one run: the runs beside
     # and after it still train, and the crashed one is reported by its signal.

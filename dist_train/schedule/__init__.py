@@ -5,7 +5,8 @@ The trainer's contract::
     family = optimizer_family(cfg.optim.name)                      # "sgd" or "normalized"
     sched = Schedule(cfg.schedule, base_lr=cfg.optim.lr, base_momentum=cfg.optim.momentum,
                      base_global_batch_size=cfg.train.global_batch_size, dataset_size=N,
-                     optimizer_family=family, batch_granularity=micro_batch_size * world_size)
+                     optimizer_family=family, batch_granularity=micro_batch_size * world_size,
+                     total_epochs=cfg.train.epochs)     # the length the cosine modes decay over
     state = sched.state_at(samples_seen)     # ScheduleState: lr, global_batch_size, momentum, epoch, noise_scale
 
 In ``adaptive`` mode the batch comes from a controller fed by the measured noise scale

@@ -1,9 +1,9 @@
 """Schedule config (no torch import).
 
 The schedule turns the noise-scale ideas of docs/theory.md section 1 into settings: which way the
-noise scale falls at each milestone (lr decay, batch growth, or both), the linear scaling rule,
-warmup, the momentum rule, and the adaptive batch growth driven by the measured gradient noise
-scale (docs/theory.md section 2). docs/schedule.md shows each setting with a worked example.
+noise scale falls, at milestones or along a cosine (lr decay, batch growth, or both), the linear
+scaling rule, warmup, the momentum rule, and the adaptive batch growth driven by the measured
+gradient noise scale (docs/theory.md section 2). docs/schedule.md shows each setting with a worked example.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 LrScaling = Literal["none", "linear", "sqrt"]
+COSINE_MODES: tuple[str, ...] = ("cosine", "increase_batch_cosine")
+"""The modes that follow a cosine over the whole run instead of milestones."""
+DEFAULT_FACTOR = 10.0
 
 
 @dataclass(frozen=True)
@@ -54,18 +57,26 @@ class AdaptiveConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    mode: Literal["constant", "decay_lr", "increase_batch", "hybrid", "adaptive"] = "constant"
-    """How the noise scale falls at milestones: ``decay_lr`` divides the lr, ``increase_batch`` multiplies the
+    mode: Literal["constant", "decay_lr", "increase_batch", "hybrid", "adaptive", "cosine",
+                  "increase_batch_cosine"] = "constant"
+    """How the noise scale falls. At milestones: ``decay_lr`` divides the lr, ``increase_batch`` multiplies the
     batch, ``hybrid`` multiplies the batch up to ``max_global_batch_size`` and then divides the lr, ``adaptive``
-    grows the batch when the measured noise scale says so (milestones then divide the lr)."""
+    grows the batch when the measured noise scale says so (milestones then divide the lr). Continuously, over
+    ``train.epochs`` and without milestones: ``cosine`` decays the lr along a cosine, ``increase_batch_cosine``
+    grows the batch by the inverse of that cosine up to ``max_global_batch_size``, then decays the lr."""
     milestones_epochs: tuple[float, ...] = ()
     """Epochs at which the noise scale drops by ``factor`` (or by the matching entry of ``factors``)."""
-    factor: float = 10.0
+    factor: float = DEFAULT_FACTOR
     """Factor applied at each milestone."""
     factors: tuple[float, ...] = ()
     """One factor per milestone, overriding ``factor``; e.g. ``[2, 10, 10]`` for B x2 then two lr decays."""
     max_global_batch_size: int = 0
-    """Cap on the global batch (memory, hardware, about N/10); 0 means none. Needed by hybrid and adaptive."""
+    """Cap on the global batch (memory, hardware, about N/10); 0 means none. Needed by hybrid, adaptive and
+    increase_batch_cosine."""
+    cosine_final_lr_factor: float = 0.0
+    """Where the cosine ends, at ``train.epochs``, as a fraction of the lr it starts from after warmup; in
+    [0, 1). Used only by the two cosine modes (in ``increase_batch_cosine`` the noise scale ends at this
+    fraction of its start)."""
     warmup_epochs: float = 0.0
     """Linear lr warmup over this many epochs (Goyal et al.), from ``warmup_start_factor`` x the lr."""
     warmup_start_factor: float = 0.0
@@ -89,6 +100,7 @@ class ScheduleConfig:
             raise ValueError("schedule.max_global_batch_size must be >= 0 (0 means no cap)")
         if self.mode in ("hybrid", "adaptive") and self.max_global_batch_size == 0:
             raise ValueError(f"schedule.mode={self.mode!r} needs a cap: set schedule.max_global_batch_size > 0")
+        self._check_cosine()
         if self.warmup_epochs < 0:
             raise ValueError("schedule.warmup_epochs must be >= 0")
         if not 0.0 <= self.warmup_start_factor <= 1.0:
@@ -120,6 +132,26 @@ class ScheduleConfig:
         if self.mode == "constant" and self.milestones_epochs:
             raise ValueError("schedule.milestones_epochs has no effect with schedule.mode='constant'; "
                              "choose decay_lr, increase_batch or hybrid, or remove the milestones")
+
+    def _check_cosine(self) -> None:
+        final = self.cosine_final_lr_factor
+        if not (0.0 <= final < 1.0):  # also refuses nan
+            raise ValueError(f"schedule.cosine_final_lr_factor={final} must be in [0, 1), e.g. 0 (decay to zero) "
+                             "or 0.01; 1 would not decay at all, which is schedule.mode=constant")
+        if self.mode not in COSINE_MODES:
+            if final != 0.0:
+                raise ValueError(f"schedule.cosine_final_lr_factor is set but schedule.mode={self.mode!r} is not "
+                                 "a cosine mode; set schedule.mode=cosine or increase_batch_cosine, or remove it")
+            return
+        if self.milestones_epochs or self.factors or self.factor != DEFAULT_FACTOR:
+            raise ValueError(f"schedule.mode={self.mode!r} decays along a cosine over train.epochs, so "
+                             "schedule.milestones_epochs, factor and factors have no effect; remove them, or use "
+                             "decay_lr, increase_batch or hybrid for a step schedule")
+        if self.mode == "increase_batch_cosine" and self.max_global_batch_size == 0:
+            raise ValueError("schedule.mode='increase_batch_cosine' needs a cap: the batch grows as 1 / (the "
+                             "cosine's lr factor), without bound as the cosine nears zero; set "
+                             "schedule.max_global_batch_size > 0 (e.g. about N/10), from where the lr takes over "
+                             "the decay")
 
     @property
     def milestone_factors(self) -> tuple[float, ...]:

@@ -1,8 +1,8 @@
 """The schedule: a pure map from samples seen to (lr, global batch, momentum). No torch import.
 
 Progress is measured in samples, not steps, because steps change length when the batch grows;
-epochs are samples / N and milestones are in epochs. For the adaptive mode the batch is decided
-online by ``BatchSizeController`` and passed in, so the schedule itself stays pure.
+epochs are samples / N, and milestones and the cosine's length are in epochs. For the adaptive mode
+the batch is decided online by ``BatchSizeController`` and passed in, so the schedule itself stays pure.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import warnings
 from dataclasses import dataclass
 
-from dist_train.schedule.config import ScheduleConfig
+from dist_train.schedule.config import COSINE_MODES, ScheduleConfig
 from dist_train.schedule.rules import (
     OptimizerFamily,
     analytic_noise_scale,
@@ -37,7 +37,7 @@ class ScheduleState:
     noise_scale: float
     """The analytic noise scale g of this state, for logging (see ``rules.analytic_noise_scale``)."""
     milestones_passed: int
-    """How many milestones lie at or before ``epoch``."""
+    """How many milestones lie at or before ``epoch`` (always 0 in the cosine modes)."""
 
 
 @dataclass(frozen=True)
@@ -58,17 +58,22 @@ class Schedule:
         dataset_size: N, training samples per epoch.
         optimizer_family: ``sgd`` or ``normalized`` (``rules.optimizer_family(optim.name)``).
         batch_granularity: micro_batch_size x world size; every batch produced is a multiple of it.
-            Batches the milestones ask for are rounded to the nearest multiple (a warning says so when that
-            moves them by more than 1%); the base batch and the cap must be multiples already.
+            Batches the milestones or the cosine twin ask for are rounded to the nearest multiple (a warning
+            says so when that moves them by more than 1%); the base batch and the cap must be multiples already.
+        total_epochs: ``train.epochs``, the length the cosine modes decay over; None (or 0) is refused by them
+            and ignored by the others.
     """
 
     def __init__(self, cfg: ScheduleConfig, *, base_lr: float, base_momentum: float, base_global_batch_size: int,
-                 dataset_size: int, optimizer_family: OptimizerFamily, batch_granularity: int):
+                 dataset_size: int, optimizer_family: OptimizerFamily, batch_granularity: int,
+                 total_epochs: float | None = None):
         _check_arguments(cfg, base_lr=base_lr, base_momentum=base_momentum, dataset_size=dataset_size,
                          base_global_batch_size=base_global_batch_size, batch_granularity=batch_granularity,
                          optimizer_family=optimizer_family)
+        _check_total_epochs(cfg, total_epochs)
         self.cfg = cfg
         self.dataset_size = dataset_size
+        self.total_epochs = total_epochs
         self.optimizer_family: OptimizerFamily = optimizer_family
         self.batch_granularity = batch_granularity
         self.start_lr = base_lr * lr_scale(base_global_batch_size / cfg.reference_global_batch_size,
@@ -87,6 +92,8 @@ class Schedule:
                              f"schedule.max_global_batch_size={cap}; raise the cap or lower the batch")
         self._milestone_samples = [m * dataset_size for m in cfg.milestones_epochs]
         self._phases = self._build_phases()
+        if cfg.mode == "increase_batch_cosine":
+            self._warn_twin_rounding()
 
     # --- the map --------------------------------------------------------------------------------
     def state_at(self, samples_seen: int, *, global_batch_size: int | None = None) -> ScheduleState:
@@ -97,8 +104,12 @@ class Schedule:
         """
         if samples_seen < 0:
             raise ValueError(f"samples_seen={samples_seen} must be >= 0")
+        epoch = samples_seen / self.dataset_size
         passed = bisect.bisect_right(self._milestone_samples, samples_seen)
-        phase = self._phases[passed]
+        if self.cfg.mode in COSINE_MODES:
+            phase = self._cosine_phase(epoch)
+        else:
+            phase = self._phases[passed]
         lr, batch = phase.lr, phase.global_batch_size
         if self.cfg.mode == "adaptive":
             batch = self._check_adaptive_batch(global_batch_size)
@@ -106,7 +117,6 @@ class Schedule:
         elif global_batch_size is not None:
             raise ValueError(f"global_batch_size is decided by the schedule in mode {self.cfg.mode!r}; "
                              "pass it only in adaptive mode")
-        epoch = samples_seen / self.dataset_size
         lr *= self._warmup_factor(epoch)
         return ScheduleState(
             epoch=epoch, lr=lr, global_batch_size=batch, momentum=self.momentum, milestones_passed=passed,
@@ -150,6 +160,40 @@ class Schedule:
                 phases.append(_Phase(lr0, self._rounded(wanted, k)))
         return phases
 
+    # --- the cosine modes --------------------------------------------------------------------------
+    def _cosine_factor(self, epoch: float) -> float:
+        """The cosine's multiplier of the start lr at ``epoch``, warmup aside: 1 until the warmup ends, then
+        down along half a cosine to ``cfg.cosine_final_lr_factor`` at ``total_epochs``, and that from there on."""
+        assert self.total_epochs is not None, "only the cosine modes have a cosine"
+        warmup, final = self.cfg.warmup_epochs, self.cfg.cosine_final_lr_factor
+        progress = min(max((epoch - warmup) / (self.total_epochs - warmup), 0.0), 1.0)
+        return final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def _cosine_phase(self, epoch: float) -> _Phase:
+        """(lr, B) at ``epoch``, warmup aside. The twin turns the cosine's lr factor c into a batch factor 1/c:
+        g = lr N / (B (1 - m)) then follows the cosine run's path against samples seen. From the cap on, the lr
+        takes the part of 1/c the batch cannot, as hybrid does at a milestone."""
+        c, lr0, b0 = self._cosine_factor(epoch), self.start_lr, self.start_global_batch_size
+        if self.cfg.mode == "cosine":
+            return _Phase(lr0 * c, b0)
+        cap = self.cfg.max_global_batch_size
+        if c * cap < b0:  # b0 / c > cap, written without dividing by a c that may reach 0
+            return _Phase(lr0 * c * cap / b0, cap)
+        # Rounded from b0 / c at every step (no error adds up); the cap is a multiple, so this stays at or below it.
+        return _Phase(lr0, round_to_granularity(b0 / c, batch_granularity=self.batch_granularity))
+
+    def _warn_twin_rounding(self) -> None:
+        # Rounding to the nearest multiple moves B by at most half a granule, so g is off by at most
+        # G / (2 B): worst at the start, where B is smallest, and shrinking as the batch grows.
+        b0, granularity = self.start_global_batch_size, self.batch_granularity
+        worst = granularity / (2 * b0)
+        if worst > 0.01 and self.cfg.max_global_batch_size > b0:
+            warnings.warn(f"increase_batch_cosine: the global batch is rounded at every step to a multiple of "
+                          f"micro_batch_size x world size = {granularity}; near the start batch {b0} that moves the "
+                          f"noise scale by up to {100 * worst:.1f}% from the cosine's (less as B grows); a larger "
+                          f"train.global_batch_size or a smaller micro_batch_size x world size reduces it",
+                          stacklevel=3)
+
     def _rounded(self, wanted: float, milestone: int) -> int:
         batch = round_to_granularity(wanted, batch_granularity=self.batch_granularity)
         if abs(batch - wanted) > 0.01 * wanted:
@@ -181,3 +225,12 @@ def _check_arguments(cfg: ScheduleConfig, *, base_lr: float, base_momentum: floa
         raise ValueError("schedule.momentum_rule_momentum applies to momentum SGD: with normalised momentum "
                          "(radam, qhm, adamw) beta does not change the noise scale alpha N / B, so there is no "
                          "batch to trade for it; remove the setting, or grow B with lr_scaling='linear'")
+
+
+def _check_total_epochs(cfg: ScheduleConfig, total_epochs: float | None) -> None:
+    if cfg.mode not in COSINE_MODES:
+        return
+    if total_epochs is None or not (math.isfinite(total_epochs) and total_epochs > cfg.warmup_epochs):
+        raise ValueError(f"schedule.mode={cfg.mode!r} decays over the whole run: it needs total_epochs = train.epochs "
+                         f"> schedule.warmup_epochs={cfg.warmup_epochs:g}, got {total_epochs}; set train.epochs "
+                         "(train.max_steps alone gives the cosine no length)")

@@ -85,3 +85,69 @@ def compile_in_place(model: nn.Module) -> nn.Module:
     BatchNorm's mode) pay the compile; docs/performance.md has what it buys on CPU."""
     model.compile()
     return model
+
+
+class GhostBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics come from fixed-size chunks ("ghost batches") of each batch.
+
+    In training mode the batch is cut into consecutive chunks of ``ghost_batch_size`` samples, and each chunk
+    is normalised with its own mean and (biased) variance, exactly as ``nn.BatchNorm2d`` would normalise that
+    chunk alone. The running statistics are updated once per forward, with the mean over chunks of each
+    chunk's mean and unbiased variance: as if each chunk were one worker of Goyal et al.'s setup (32 images
+    per BN) and their running statistics were averaged. In eval mode it is ``nn.BatchNorm2d``.
+
+    Why not upstream: torch has no ghost batch norm; looping ``F.batch_norm`` over the chunks would update the
+    running statistics once per chunk (their momentum compounding k times per step). The chunk statistics here
+    are computed in one vectorised pass over a (chunks, samples, C, pixels) view.
+    """
+
+    def __init__(self, num_features: int, ghost_batch_size: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        if ghost_batch_size < 1:
+            raise ValueError(f"ghost_batch_size={ghost_batch_size} must be >= 1")
+        self.ghost_batch_size = ghost_batch_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        n, c = x.shape[:2]
+        if n % self.ghost_batch_size:
+            raise ValueError(f"a batch of {n} samples does not split into ghost batches of {self.ghost_batch_size}; "
+                             "set model.bn_batch_size to a divisor of train.micro_batch_size")
+        chunks = x.reshape(n // self.ghost_batch_size, self.ghost_batch_size, c, -1)
+        var, mean = torch.var_mean(chunks, dim=(1, 3), correction=0, keepdim=True)
+        out = (chunks - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight.view(1, 1, c, 1) + self.bias.view(1, 1, c, 1)
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                per_chunk = chunks.shape[1] * chunks.shape[3]
+                momentum: float | torch.Tensor = self.momentum if self.momentum is not None else 0.1
+                if self.momentum is None and self.num_batches_tracked is not None:  # a cumulative average
+                    momentum = (self.num_batches_tracked + 1).reciprocal().to(self.running_mean.dtype)
+                unbiased = var.reshape(-1, c).mean(0) * per_chunk / max(per_chunk - 1, 1)
+                self.running_mean.lerp_(mean.reshape(-1, c).mean(0).to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
+                if self.num_batches_tracked is not None:
+                    self.num_batches_tracked.add_(1)
+        return out.reshape(x.shape).contiguous(memory_format=_memory_format(x))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
+
+
+def use_ghost_batch_norm(model: nn.Module, ghost_batch_size: int) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` of ``model`` in place by a ``GhostBatchNorm2d`` with the same
+    parameters and buffers (``model.bn_batch_size``); the state dict keys stay the same."""
+    for name, child in list(model.named_children()):
+        if type(child) is nn.BatchNorm2d:
+            ghost = GhostBatchNorm2d(child.num_features, ghost_batch_size, eps=child.eps, momentum=child.momentum,
+                                     affine=child.affine, track_running_stats=child.track_running_stats)
+            ghost.load_state_dict(child.state_dict())
+            ghost.to(device=child.weight.device if child.affine else None)
+            setattr(model, name, ghost)
+        else:
+            use_ghost_batch_norm(child, ghost_batch_size)
+    return model

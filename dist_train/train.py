@@ -93,7 +93,7 @@ def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Preci
     from dist_train.cpu import apply_memory_format
     from dist_train.data import loader
     from dist_train.distributed import data_seed
-    from dist_train.models import build_model, compile_in_place
+    from dist_train.models import build_model, compile_in_place, use_ghost_batch_norm
     from dist_train.optim import build_optimizer, set_hyperparams
     from dist_train.parts import TrainerParts
     from dist_train.schedule import Schedule, optimizer_family
@@ -103,6 +103,8 @@ def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Preci
     model = build_model(cfg.model.name, num_classes=len(manifest["classes"]),
                         in_channels=manifest["image"]["channels"], width=cfg.model.width,
                         zero_init_residual=cfg.model.zero_init_residual)
+    if cfg.model.bn_batch_size:
+        use_ghost_batch_norm(model, cfg.model.bn_batch_size)
     if cfg.model.sync_batch_norm:
         if info.device.type != "cuda":  # train.device=auto found no GPU: the config check could not know
             from dist_train.config import ConfigError

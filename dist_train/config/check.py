@@ -27,6 +27,7 @@ def check(cfg: Config, world_size: int | None = None) -> None:
     _check_precision(cfg)
     _check_compile(cfg)
     _check_sync_batch_norm(cfg)
+    _check_ghost_batch_norm(cfg)
     _check_optimizer_and_schedule(cfg)
     _check_preconditioned_noise_scale(cfg)
     if world_size is not None:
@@ -70,6 +71,16 @@ def _check_sync_batch_norm(cfg: Config) -> None:
                           f"{cfg.backend.name} set model.sync_batch_norm=false")
     if cfg.train.device == "cpu":
         raise ConfigError(SYNC_BN_CPU)
+
+
+def _check_ghost_batch_norm(cfg: Config) -> None:
+    ghost, micro = cfg.model.bn_batch_size, cfg.train.micro_batch_size
+    if ghost > micro:
+        raise ConfigError(f"model.bn_batch_size={ghost} is larger than train.micro_batch_size={micro}: a ghost batch "
+                          f"is a chunk of one micro-batch; set model.bn_batch_size <= {micro}, or 0")
+    if ghost and micro % ghost:
+        raise ConfigError(f"model.bn_batch_size={ghost} does not divide train.micro_batch_size={micro}; use a "
+                          f"divisor (e.g. {max(d for d in range(1, ghost + 1) if micro % d == 0)})")
 
 
 def _check_optimizer_and_schedule(cfg: Config) -> None:

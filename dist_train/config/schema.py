@@ -62,6 +62,10 @@ class ModelConfig:
     """DDP on GPUs only: BatchNorm statistics over the whole global micro-batch, all ranks together
     (``torch.nn.SyncBatchNorm.convert_sync_batchnorm``), instead of over each rank's micro-batch. One
     all-reduce per BN layer per forward. torch's SyncBatchNorm raises on CPU inputs, so CPU runs refuse it."""
+    bn_batch_size: int = 0
+    """Ghost batch norm: BatchNorm training statistics over chunks of this many samples of each micro-batch
+    (e.g. 32, Goyal et al.'s images per BN), whatever the micro-batch (``models.GhostBatchNorm2d``). 0 uses
+    the whole micro-batch. Must divide ``train.micro_batch_size``."""
     zero_init_residual: bool = False
     """Start the last BatchNorm weight (gamma) of every residual block at 0, so that each block begins as
     relu(shortcut(x)) and a deep ResNet starts as a shallow one (Goyal et al. 2017). torchvision's own
@@ -74,6 +78,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.width < 1:
             raise ValueError("model.width must be >= 1")
+        if self.bn_batch_size < 0:
+            raise ValueError(f"model.bn_batch_size={self.bn_batch_size} must be >= 0 (0: BN over the whole "
+                             "micro-batch)")
+        if self.bn_batch_size and self.sync_batch_norm:
+            raise ValueError("model.bn_batch_size (BN over chunks of a rank's micro-batch) and "
+                             "model.sync_batch_norm (BN over all ranks' micro-batches) contradict each other; "
+                             "choose one")
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,36 @@ def lookahead_lr_settings() -> list[Setting]:
             for optimizer in ("radam", "radam_lookahead")]
 
 
+# --- part 4: the cosine decay and its batch-growth twin ------------------------------------------
+# schedule.mode=cosine takes the lr along a cosine from 0.1 (SGD) or 3e-3 (RAdam) to 0 over the 5 epochs at
+# B=128; increase_batch_cosine keeps the lr and grows B = 128 / c(t) in multiples of the micro-batch, up to
+# the ladder's top, 16,000, after which the lr takes over: the same analytic noise scale at every sample.
+# Micro-batch 16 in both: the twin's batch moves in steps of the micro-batch, and at 64 (part 1's) its noise
+# scale would be up to 64 / (2 x 128) = 25% off the cosine's near the start; at 16, 6%.
+COSINE_MICRO_BATCH = 16
+COSINE_TWIN = {
+    "cosine": ("schedule.mode=cosine", f"train.micro_batch_size={COSINE_MICRO_BATCH}"),
+    "increase_batch_cosine": ("schedule.mode=increase_batch_cosine", f"schedule.max_global_batch_size={MAX_BATCH}",
+                              f"train.micro_batch_size={COSINE_MICRO_BATCH}"),
+}
+
+
+def cosine_settings() -> list[Setting]:
+    """The cosine decay and its twin, with momentum SGD and with RAdam."""
+    return [Setting(f"{schedule}-{optimizer}", (*s_over, *OPTIMIZERS[optimizer]))
+            for schedule, s_over in COSINE_TWIN.items() for optimizer in ("sgd", "radam")]
+
+
+# --- part 5: adaptive batch growth with RAdam, raw against preconditioned noise scale -------------
+# The adaptive controller grows B by 5 when the measured B_simple exceeds it (part 1's ladder). With RAdam
+# the step is P^-1 g, so the noise that matters is P^-1 g's (schedule.noise_scale.preconditioned).
+def preconditioned_settings() -> list[Setting]:
+    """Adaptive batch growth with RAdam, steered by the raw or by the preconditioned noise scale."""
+    return [Setting(f"adaptive-radam-{'preconditioned' if pre else 'raw'}",
+                    (*ADAPTIVE, *RADAM, f"schedule.noise_scale.preconditioned={str(pre).lower()}"))
+            for pre in (False, True)]
+
+
 @dataclass(frozen=True)
 class Part:
     """One experiment of the study: its settings, MLflow experiment, report grouping and report directory.
@@ -189,6 +219,10 @@ PARTS = {
                          ("optim.name", "optim.lookahead.k", "optim.lr"), REPO / "docs" / "study" / "lookahead_lr",
                          compare_with=("schedules",),
                          report_filter="params.`schedule.mode` = 'decay_lr' and params.`optim.name` = 'radam'"),
+    "cosine": Part(cosine_settings, f"{EXPERIMENT}_cosine", ("schedule.mode", "optim.name"),
+                   REPO / "docs" / "study" / "cosine"),
+    "preconditioned": Part(preconditioned_settings, f"{EXPERIMENT}_preconditioned",
+                           ("schedule.noise_scale.preconditioned",), REPO / "docs" / "study" / "preconditioned"),
 }
 
 
@@ -309,7 +343,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--part", choices=sorted(PARTS), default="schedules",
                    help="schedules: 3 schedules x 3 optimizers + adaptive (default); "
                         "warmup: SGD, AdamW and RAdam at B=3200 without and with warmup; "
-                        "lookahead_lr: RAdam and Lookahead(RAdam) with decay_lr at twice the lr")
+                        "lookahead_lr: RAdam and Lookahead(RAdam) with decay_lr at twice the lr; "
+                        "cosine: the cosine decay and its batch-growth twin, SGD and RAdam; "
+                        "preconditioned: adaptive growth with RAdam, raw against preconditioned noise scale")
     p.add_argument("--shards", default=str(REPO / "data" / "shards" / "fashion_mnist"),
                    help="Fashion-MNIST shards (`make demo` or `dist-train make-shards fashion-mnist` writes them)")
     p.add_argument("--tracking-uri", default=None,

@@ -67,6 +67,20 @@ class NullTracker:
         return 0
 
 
+def warn_without_nvml() -> bool:
+    """MLflow's monitor logs GPU utilisation and memory only through nvidia-ml-py (``pynvml``): on a machine with
+    a GPU and without it, say what to install. Returns whether it warned."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("pynvml") is not None:
+        return False
+    log.warning("system metrics: CPU and memory only; for GPU utilisation and memory install nvidia-ml-py "
+                "(pip install 'dist_train[gpu]')")
+    return True
+
+
 class NodeSystemMetrics(NullTracker):
     """Tracks nothing but this node's system metrics, into the main rank's run (``system/node<k>/*``): what
     local rank 0 of every other node runs with ``tracking.system_metrics_per_node``."""
@@ -82,6 +96,7 @@ class NodeSystemMetrics(NullTracker):
             MlflowClient(tracking_uri=uri).set_tag(run_id, f"dist_train.node{node}", socket.gethostname())
         except Exception as err:  # an unreachable server must not stop a rank; the monitor warns on its own
             log.warning("cannot tag run %s with node %d's host (%s)", run_id, node, str(err).splitlines()[0][:200])
+        warn_without_nvml()
         self._monitor = SystemMetricsMonitor(run_id, sampling_interval=cfg.system_metrics_interval_s,
                                              resume_logging=continued, node_id=f"node{node}", tracking_uri=uri)
         self._monitor.start()
@@ -238,6 +253,7 @@ class MlflowTracker:
             return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        warn_without_nvml()
         per_node = self.cfg.system_metrics_per_node  # then the main rank's node is tagged like the others
         if per_node:
             import socket

@@ -91,3 +91,18 @@ def test_every_node_logs_its_own_system_metrics_into_the_run(tmp_path):
         assert f"system/node{node}/cpu_utilization_percentage" in run.data.metrics
         assert run.data.tags[f"dist_train.node{node}"] == socket.gethostname()
     assert "system/cpu_utilization_percentage" not in run.data.metrics  # every sample says which node
+
+
+def test_a_gpu_machine_without_nvidia_ml_py_is_told_what_to_install(monkeypatch, caplog):
+    import importlib.util
+
+    from dist_train import tracking
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pynvml" else real_find_spec(name, *a))
+    with caplog.at_level("WARNING", logger="dist_train.tracking"):
+        assert tracking.warn_without_nvml()
+    assert "nvidia-ml-py" in caplog.text and "dist_train[gpu]" in caplog.text
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not tracking.warn_without_nvml()  # a CPU machine has nothing to install

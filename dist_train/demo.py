@@ -37,12 +37,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] test accuracy: top-1 {summary['eval/acc1']:.4f}, top-5 {summary['eval/acc5']:.4f} "
           f"on {int(summary['eval/samples'])} test images")
     dist_train = Path(sys.executable).with_name("dist-train")
-    print(f"[demo] MLflow run {summary.get('mlflow_run_id')} in ./mlflow.db; to browse it run:\n"
+    run_id = summary.get("mlflow_run_id")
+    print(f"[demo] MLflow run {run_id} in ./mlflow.db; to browse it run:\n"
           f"    {mlflow} ui --backend-store-uri sqlite:///mlflow.db --port 5000\n"
-          f"  and open http://127.0.0.1:5000")
-    print(f"[demo] to plot its test accuracy against epochs and updates:\n"
+          f"  and open {_run_page('http://127.0.0.1:5000', run_id)}")
+    print(f"[demo] to plot its test accuracy and its schedule (lr, B, momentum, noise scale, B_simple, loss):\n"
           f"    {dist_train} report --experiment demo --tracking-uri sqlite:///mlflow.db")
     return 0
+
+
+def _run_page(base: str, run_id: str | None) -> str:
+    """The run's page in MLflow 3's model-training view. The UI's GenAI / model-training switch is the browser's
+    own setting (default GenAI, which files the run under "Evaluation runs"); ``workflowType`` in the URL sets it."""
+    if not run_id:
+        return base
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = MlflowClient(tracking_uri="sqlite:///mlflow.db").get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 if __name__ == "__main__":

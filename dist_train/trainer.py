@@ -118,7 +118,7 @@ class Trainer:
         self._last_checkpoint_time = time.monotonic()
         # The steps at which checkpoints exist, beside the metrics (the directory is the checkpoint.dir param).
         if self.progress.step > self.parts.logged_through_step:
-            self.tracker.log_metrics({"checkpoint/step": float(self.progress.step)}, step=self.progress.step)
+            self.tracker.log_metrics({"train/checkpoint_step": float(self.progress.step)}, step=self.progress.step)
         return path
 
     def _save_backend_files(self, directory: Path) -> None:
@@ -307,7 +307,7 @@ class Trainer:
                 f"`dist-train make-shards ... --verify`")
         metrics = {**window, "lr": state.lr, "global_batch_size": state.global_batch_size,
                    "momentum": state.momentum, "samples_seen": self.progress.samples_seen, "epoch": self._epoch(),
-                   "throughput/samples_per_s": samples_per_s, "data/bad_samples": self.progress.bad_samples}
+                   "throughput/samples_per_s": samples_per_s, "train/bad_samples": self.progress.bad_samples}
         metrics["train/skipped_steps"] = self.progress.skipped_steps
         metrics.update(self.schedule_metrics(state))
         if self.noise is not None:

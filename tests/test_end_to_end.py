@@ -78,7 +78,7 @@ def test_mlflow_run_holds_the_evaluated_model_and_the_checkpoint_steps(short_run
     client = MlflowClient(tracking_uri=f"sqlite:///{cwd}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
     run_id = run.info.run_id
-    assert [m.step for m in client.get_metric_history(run_id, "checkpoint/step")] == [3, 6]
+    assert [m.step for m in client.get_metric_history(run_id, "train/checkpoint_step")] == [3, 6]
     assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/model.pt"]
     model_state = torch.load(client.download_artifacts(run_id, "model/model.pt", str(cwd / "dl")), weights_only=True)
 

@@ -129,6 +129,11 @@ def data_seed(seed: int) -> int:
     return seed * 7919 + 1
 
 
+def mixing_seed(seed: int) -> int:
+    """The seed of MixUp's and CutMix's draws (``dist_train/mixing.py``), apart from the data order's and the model's."""
+    return seed * 7919 + 2
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and CUDA). Ranks pass the same seed so models start identical."""
     random.seed(seed)

@@ -76,6 +76,14 @@ class BatchController(Stateful, Protocol):
     def grow(self, step: int) -> None: ...
 
 
+class BatchMixer(Protocol):
+    """Mixes a device micro-batch (MixUp, CutMix) and returns its targets as class probabilities, (micro,
+    classes). Its draws are a pure function of the key (step, rank, micro-batch), so it holds no state."""
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, step: int, rank: int,
+                 micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
 def _null_tracker() -> Tracker:
     from dist_train.tracking import NullTracker
 
@@ -102,5 +110,7 @@ class TrainerParts:
     """Fed by the backend's measurement each step, or None when the noise scale is not measured."""
     batch_controller: BatchController | None = None
     """The adaptive mode's controller (needs ``noise``), or None."""
+    batch_mixer: BatchMixer | None = None
+    """MixUp/CutMix of each training micro-batch before the forward (``dist_train/mixing.py``), or None."""
     logged_through_step: int = 0
     """Training metrics up to this step are already in the tracker (a continued run)."""

@@ -92,7 +92,8 @@ def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Preci
     from dist_train.backends import build_backend
     from dist_train.cpu import apply_memory_format
     from dist_train.data import loader
-    from dist_train.distributed import data_seed
+    from dist_train.distributed import data_seed, mixing_seed
+    from dist_train.mixing import build_mixer
     from dist_train.models import build_model, compile_in_place, use_ghost_batch_norm
     from dist_train.optim import build_optimizer, set_hyperparams
     from dist_train.parts import TrainerParts
@@ -100,7 +101,8 @@ def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Preci
     from dist_train.trainer import Normalise
 
     dataset_size = int(manifest["splits"]["train"]["num_samples"])
-    model = build_model(cfg.model.name, num_classes=len(manifest["classes"]),
+    num_classes = len(manifest["classes"])
+    model = build_model(cfg.model.name, num_classes=num_classes,
                         in_channels=manifest["image"]["channels"], width=cfg.model.width,
                         zero_init_residual=cfg.model.zero_init_residual)
     if cfg.model.bn_batch_size:
@@ -132,7 +134,8 @@ def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Preci
         eval_loader_fn=lambda: loader.eval_batches(manifest, cfg.data, micro_batch_size=micro, rank=info.rank,
                                                    world_size=info.world_size),
         normalise=Normalise(mean, std, device=info.device, channels_last=cfg.model.channels_last),
-        dataset_size=dataset_size, checkpointer=checkpointer, noise=noise, batch_controller=controller)
+        dataset_size=dataset_size, checkpointer=checkpointer, noise=noise, batch_controller=controller,
+        batch_mixer=build_mixer(cfg.train, num_classes=num_classes, seed=mixing_seed(cfg.train.seed)))
 
 
 def _fit_and_report(trainer: Any, info: Any, run_dir: Path, *, resume_from: Path | None,

@@ -224,8 +224,12 @@ class Trainer:
         """One optimizer step at the schedule's ``state``: exactly ``state.global_batch_size`` samples.
 
         Returns what every rank agreed on after it: skip (non-finite), stop, requeue, checkpoint. The loss is
-        cross-entropy with ``train.label_smoothing``; ``evaluate`` keeps plain cross-entropy."""
+        cross-entropy with ``train.label_smoothing``; ``evaluate`` keeps plain cross-entropy. With a batch mixer
+        (MixUp/CutMix) each normalised micro-batch is mixed before the forward and its labels become class
+        probabilities p; torch then smooths them to (1 - eps) p + eps / K, which is timm's mixed smoothed target
+        and torchvision's recipe (label smoothing 0.1 with MixUp and CutMix)."""
         backend = self.backend
+        mixer = self.parts.batch_mixer
         accum_steps = backend.set_global_batch_size(state.global_batch_size)
         self.parts.set_hyperparams(backend.optimizer, lr=state.lr, momentum=state.momentum)
         backend.model.train()
@@ -235,6 +239,8 @@ class Trainer:
             # non_blocking: from the loader's pinned memory the copy is queued, not waited for (GPU)
             images = self.normalise(batch["image"])
             labels = batch["label"].to(backend.info.device, non_blocking=True)
+            if mixer is not None:  # keyed by the step, so a resumed run mixes as the uninterrupted one did
+                images, labels = mixer(images, labels, step=self.progress.step, rank=backend.info.rank, micro_batch=i)
             with backend.grad_sync(i == accum_steps - 1):
                 with backend.autocast():
                     logits = backend.model(images)
@@ -348,7 +354,12 @@ class Trainer:
 
 
 class _MetricWindow:
-    """Sums of loss and accuracy since the last log, kept on the device to avoid per-step host syncs."""
+    """Sums of loss and accuracy since the last log, kept on the device to avoid per-step host syncs.
+
+    With mixed targets (MixUp/CutMix: rows of class probabilities) a sample's accuracy is the target's weight
+    on the predicted class: 1 for a hit on an unmixed sample, lam when the model names the sample's own
+    label and 1 - lam when it names its partner's, lam + (1 - lam) = 1 when both share the label. It is the
+    top-1 accuracy against a label drawn from the target, and plain top-1 accuracy without mixing."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -356,8 +367,12 @@ class _MetricWindow:
         self.grad_norm = torch.zeros((), device=device)
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, bad_samples: torch.Tensor) -> None:
-        n = labels.numel()
-        correct = (logits.argmax(dim=1) == labels).sum()
+        n = labels.shape[0]
+        predicted = logits.argmax(dim=1)
+        if labels.ndim == 2:  # class probabilities: the weight each target gives the predicted class
+            correct = labels.gather(1, predicted[:, None]).sum()
+        else:
+            correct = (predicted == labels).sum()
         # torch.full writes n in a kernel; torch.tensor(n, device=...) would copy it from the host and wait.
         self.sums += torch.stack([loss.double() * n, correct.double(),
                                   torch.full((), n, device=self.device, dtype=torch.float64),

@@ -87,7 +87,7 @@ def make_trainer(rank: int, world_size: int, *, batches: list[dict], micro: int,
                  model_fn: Callable[[], nn.Module] = tiny_net, shard: bool = False, run_dir: str = "",
                  checkpoint_every_steps: int = 0, backend: str = "ddp",
                  backend_options: dict | None = None, schedule=None, noise=None, batch_controller=None,
-                 train_data=None) -> Trainer:
+                 train_data=None, batch_mixer=None) -> Trainer:
     """A Trainer over ``batches`` (or over ``train_data``, a real stream, in steps of the batches' sizes);
     ``schedule`` defaults to one that follows the batches' sizes."""
     sizes = [len(b["label"]) for b in batches]
@@ -101,7 +101,7 @@ def make_trainer(rank: int, world_size: int, *, batches: list[dict], micro: int,
         backend=backend, schedule=schedule or ListSchedule(sizes), set_hyperparams=set_hyperparams,
         train_data=train_data or ListStream(batches, rank=rank, world_size=world_size, micro=micro),
         eval_loader_fn=lambda: iter(()), normalise=Normalise((0.5,), (0.25,), device=info.device, channels_last=False),
-        dataset_size=sum(sizes), noise=noise, batch_controller=batch_controller,
+        dataset_size=sum(sizes), noise=noise, batch_controller=batch_controller, batch_mixer=batch_mixer,
         checkpointer=Checkpointer(run_dir or "/nonexistent", keep_last=2, rank=rank, world_size=world_size,
                                   barrier=backend.barrier, broadcast=lambda obj: broadcast_object(info, obj)))
     return Trainer(cfg, parts, max_bad_sample_fraction=0.5, checkpoint_every_steps=checkpoint_every_steps)

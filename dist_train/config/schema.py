@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -122,6 +123,17 @@ class TrainConfig:
     target puts 1 - epsilon on the label and spreads epsilon evenly over all classes. The evaluation loss stays
     plain cross-entropy, so with epsilon > 0 ``train/loss`` (which cannot fall to 0) and ``eval/loss`` measure
     different things. 0 turns it off; 0.1 is the usual ImageNet value."""
+    mixup_alpha: float = 0.0
+    """MixUp (Zhang et al. 2018) of the training micro-batches: each image becomes lam x + (1 - lam) x' with its
+    neighbour x' in the micro-batch, and its target lam y + (1 - lam) y', where lam ~ Beta(alpha, alpha) is drawn
+    once per micro-batch. 0 turns it off; 0.2 is torchvision's ImageNet recipe (docs/study.md)."""
+    cutmix_alpha: float = 0.0
+    """CutMix (Yun et al. 2019) of the training micro-batches: a box of about 1 - lam of the image, lam ~
+    Beta(alpha, alpha), is pasted from the neighbour, and the target weighs the two labels by area. 0 turns it
+    off; 1.0 is torchvision's ImageNet recipe. With ``mixup_alpha`` too, each micro-batch gets one of the two."""
+    mix_switch_prob: float = 0.5
+    """With both ``mixup_alpha`` and ``cutmix_alpha`` > 0: the probability that a micro-batch gets CutMix rather
+    than MixUp (timm's ``switch_prob``; 0.5 is torchvision's ``RandomChoice([MixUp, CutMix])``)."""
     progress_bar: bool = True
     """Show a progress bar on rank 0."""
     dist_timeout_s: int = 1800
@@ -150,6 +162,24 @@ class TrainConfig:
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"train.label_smoothing={self.label_smoothing} must be in [0, 1), e.g. 0.1 (0 turns "
                              f"it off)")
+        self._check_mixing()
+
+    def _check_mixing(self) -> None:
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            alpha = getattr(self, name)
+            if not 0.0 <= alpha < math.inf:  # also refuses NaN
+                raise ValueError(f"train.{name}={alpha} must be a finite number >= 0 (0 turns it off)")
+        mixup, cutmix = self.mixup_alpha > 0, self.cutmix_alpha > 0
+        if mixup and cutmix and not 0.0 < self.mix_switch_prob < 1.0:
+            alone, off = ("CutMix", "mixup_alpha") if self.mix_switch_prob >= 1.0 else ("MixUp", "cutmix_alpha")
+            raise ValueError(f"train.mix_switch_prob={self.mix_switch_prob} must be in (0, 1) when both MixUp and "
+                             f"CutMix are on; for {alone} alone set train.{off}=0 and remove mix_switch_prob")
+        if not (mixup and cutmix) and self.mix_switch_prob != 0.5:
+            raise ValueError(f"train.mix_switch_prob={self.mix_switch_prob} chooses between MixUp and CutMix, but "
+                             f"not both train.mixup_alpha and train.cutmix_alpha are > 0; remove it, or turn both on")
+        if (mixup or cutmix) and self.micro_batch_size < 2:
+            raise ValueError("train.mixup_alpha and train.cutmix_alpha mix each sample with another of its "
+                             "micro-batch, so they need train.micro_batch_size >= 2")
 
 
 @dataclass(frozen=True)

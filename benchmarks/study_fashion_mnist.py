@@ -239,13 +239,14 @@ def run_overrides(setting: Setting, seed: int, *, shards: str, run_root: Path, t
 
 
 # --- the batches each schedule asks for ---------------------------------------------------------
-def planned_batches(setting: Setting, *, dataset_size: int = N_TRAIN, world_size: int = 1) -> list[int]:
+def planned_batches(setting: Setting, *, dataset_size: int = N_TRAIN, world_size: int = 1,
+                    twin_rounding: bool = False) -> list[int]:
     """Every global batch ``setting`` trains with, checked to need no rounding and to divide into micro-batches.
 
     Raises ValueError if a batch is not a multiple of micro-batch x world size or had to be rounded (the
     schedule would change the protocol's noise scale). For the adaptive mode, the controller's whole ladder;
     for the cosine modes, each batch in the order a run meets it (the twin's warning about its per-step
-    rounding counts as rounding).
+    rounding counts as rounding, unless ``twin_rounding``: the cosine part accepts it, bounded by its micro-batch).
     """
     from dist_train.config import accumulation_steps, load_config
     from dist_train.schedule import BatchSizeController, Schedule, optimizer_family
@@ -255,6 +256,8 @@ def planned_batches(setting: Setting, *, dataset_size: int = N_TRAIN, world_size
     granularity = cfg.train.micro_batch_size * world_size
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a rounded milestone batch is an error here, not a warning
+        if twin_rounding:
+            warnings.filterwarnings("ignore", message="increase_batch_cosine: the global batch is rounded")
         schedule = Schedule(cfg.schedule, base_lr=cfg.optim.lr, base_momentum=cfg.optim.momentum,
                             base_global_batch_size=cfg.train.global_batch_size, dataset_size=dataset_size,
                             optimizer_family=optimizer_family(cfg.optim.name), batch_granularity=granularity,
@@ -383,7 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out or (run_root / "report" if args.smoke else part.out))
     chosen = [s for s in part.settings() if not args.only or any(word in s.name for word in args.only)]
     for setting in chosen:  # before anything trains: a schedule that cannot run is an error now
-        print(f"[study] {setting.name}: global batches {planned_batches(setting)}", flush=True)
+        batches = planned_batches(setting, twin_rounding=True)
+        shown = batches if len(batches) <= 8 else [*batches[:4], "...", *batches[-2:]]
+        print(f"[study] {setting.name}: {len(batches)} global batch sizes {shown}", flush=True)
     jobs = [(f"{s.name}-seed{seed}", run_overrides(s, seed, shards=args.shards, run_root=run_root,
                                                    tracking_uri=tracking_uri, experiment=experiment,
                                                    eval_every_epochs=args.eval_every_epochs, smoke=args.smoke))

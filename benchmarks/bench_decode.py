@@ -1,11 +1,14 @@
 """JPEG decode + augment throughput per CPU core, and our shard pipeline against ImageFolder.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_decode.py [--photos DIR] [--images 600] [--workers 1]
+    OMP_NUM_THREADS=1 python benchmarks/bench_decode.py [--photos DIR] [--images 600] [--workers 1] [--augment-only]
 
 Part 1 times each candidate decoder in this process (one core, one torch thread) on
   * the 20 real ImageNet photos of the foolbox wheel (512x512 and 1024x683, progressive), and
   * synthetic JPEGs shaped like ImageNet (~400x350 on average, ~110 KB at quality 90), made of
     gradients plus noise: right for speed, meaningless for accuracy.
+Part 1b times the training decoder with each augmentation after the crop and flip (RandAugment,
+TrivialAugmentWide, random erasing, and the per-sample seeding alone), side by side with the plain one, as a
+ratio of cost per image; ``--augment-only`` runs only this part.
 Part 2 runs whole input pipelines over the same synthetic images with the same worker count:
   * ours: shards from ``write_imagenet_shards``, read by webdataset, decoded by ``dist_train.data.jpeg``;
   * baseline: torchvision ``ImageFolder`` + ``DataLoader`` with the equivalent torchvision transforms.
@@ -35,6 +38,7 @@ import torch
 from PIL import Image
 
 from dist_train.data import jpeg
+from dist_train.data.augment import Seeded, build_augment
 from dist_train.data.jpeg import eval_decoder, random_resized_crop_box, resize_uint8, train_decoder
 
 SIZE, RESIZE = 224, 256
@@ -111,6 +115,41 @@ def candidates() -> dict[str, object]:
     for backend in backends():
         found[f"eval: ours, {backend} backend"] = eval_decoder(SIZE, RESIZE, backend=backend)
     return found
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+
+def augmented_decoders() -> dict[str, object]:
+    """Our training decoder (default backend), plain and with each augmentation after the crop and flip."""
+    settings = {
+        "decode + crop + flip (plain)": None,
+        "+ per-sample seeding alone (fork_rng, no op)": Seeded(lambda image: image),
+        "+ RandAugment(2, 9)": build_augment("randaugment", num_ops=2, magnitude=9),
+        "+ TrivialAugmentWide": build_augment("trivialaugment"),
+        "+ RandomErasing(0.25)": build_augment("none", random_erasing=0.25, mean=IMAGENET_MEAN),
+        "+ RandAugment(2, 9) + RandomErasing(0.25)": build_augment("randaugment", random_erasing=0.25,
+                                                                   mean=IMAGENET_MEAN),
+        "+ TrivialAugmentWide + RandomErasing(0.25)": build_augment("trivialaugment", random_erasing=0.25,
+                                                                    mean=IMAGENET_MEAN),
+    }
+    return {label: train_decoder(SIZE, seed=0, augment=augment) for label, augment in settings.items()}
+
+
+def print_augment_table(datasets: dict[str, list[bytes]], *, repeats: int) -> None:
+    rates = decoder_rates(augmented_decoders(), datasets, repeats=repeats)
+    plain = "decode + crop + flip (plain)"
+    print("\n| training decoder (one core) | " + " | ".join(f"{n}: ms/img | vs plain" for n in datasets) + " |")
+    print("|---|" + "---:|---:|" * len(datasets))
+    for label in dict.fromkeys(label for label, _ in rates):
+        cells = [f"{1e3 / rates[(label, n)]:.2f} | {rates[(plain, n)] / rates[(label, n)]:.2f}x" for n in datasets]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    seeded, image, rng, calls = Seeded(lambda x: x), torch.zeros(3, SIZE, SIZE, dtype=torch.uint8), random.Random(0), 20000
+    start = time.process_time()
+    for _ in range(calls):
+        seeded(image, rng)
+    print(f"per-sample seeding alone (fork_rng + manual_seed, no op): {(time.process_time() - start) / calls * 1e6:.1f} "
+          f"us per image")
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -237,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=600, help="synthetic JPEGs for the pipelines")
     parser.add_argument("--workers", type=int, default=1, help="DataLoader workers for both pipelines")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--augment-only", action="store_true", help="only the augmentation costs (part 1b)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -252,11 +292,16 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print(f"no photos in {args.photos}: run tests/test_imagenet.py once to fetch them", file=sys.stderr)
 
+    if args.augment_only:
+        print_augment_table(datasets, repeats=args.repeats)
+        return
     rates = decoder_rates(candidates(), datasets, repeats=args.repeats)
     print("\n| decoder (one core) | " + " | ".join(f"{n} img/CPU-s" for n in datasets) + " |")
     print("|---|" + "---:|" * len(datasets))
     for label in dict.fromkeys(label for label, _ in rates):
         print(f"| {label} | " + " | ".join(f"{rates[(label, n)]:.0f}" for n in datasets) + " |")
+
+    print_augment_table(datasets, repeats=args.repeats)
 
     pipes = pipeline_rates(synthetic, workers=args.workers, repeats=args.repeats)
     print(f"\n| pipeline, {args.workers} worker(s), {len(synthetic)} synthetic JPEGs | img/CPU-s | "

@@ -34,6 +34,28 @@ class DataConfig:
     "epoch" no longer sees every sample exactly once. Off by default: true epochs."""
     image_size: int = 0
     """Training crop size in pixels; 0 keeps the stored size (Fashion-MNIST's 28)."""
+    auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
+    """JPEG shards, training only: a random policy of image ops after the crop and flip, on the uint8 image.
+    ``randaugment`` is torchvision's ``RandAugment(randaugment_num_ops, randaugment_magnitude)``,
+    ``trivialaugment`` its ``TrivialAugmentWide()``, both with bilinear interpolation as in torchvision's
+    reference recipes. Their random draws come from the sample's own generator, so resume stays exact. Cost per
+    image: docs/data.md."""
+    randaugment_num_ops: int = 2
+    """``auto_augment=randaugment`` only: ops applied to each image in turn (torchvision's default, 2)."""
+    randaugment_magnitude: int = 9
+    """``auto_augment=randaugment`` only: the strength of every op, 0 to 30 (torchvision's 31 bins; its
+    recipes use 9)."""
+    random_erasing: float = 0.0
+    """JPEG shards, training only: the probability of erasing one random rectangle of each image (torchvision's
+    ``RandomErasing(p)``: 2-33% of the area, aspect 0.3-3.3), after ``auto_augment``. The rectangle takes the
+    dataset's mean colour in whole grey levels, which normalises to 0 within 0.01: torchvision's recipe erases
+    with 0 after normalisation (docs/data.md). 0 turns it off; torchvision's recipes use 0.1 to 0.25."""
+    repeated_augmentation: int = 1
+    """Repeated augmentation (Hoffer et al. 2019, DeiT; torchvision's ``--ra-sampler --ra-reps``), JPEG shards
+    only: each epoch takes the first ceil(N / k) samples of its order and draws each of them k times, with other
+    crops and augmentations, the copies in the same step on consecutive ranks. An epoch stays N samples drawn,
+    so ``train.epochs`` and the schedule keep their meaning and cost, and an epoch shows about N / k distinct
+    images (docs/data.md). 1 turns it off; DeiT uses 3."""
     max_bad_sample_fraction: float = 0.01
     """Stop the run when more than this fraction of samples fail to decode."""
 
@@ -47,6 +69,28 @@ class DataConfig:
             raise ValueError("data.shuffle_buffer must be >= 0 (0 reads shards in their stored order)")
         if not 0.0 <= self.max_bad_sample_fraction < 1.0:
             raise ValueError("data.max_bad_sample_fraction must be in [0, 1)")
+        self._check_augmentation()
+
+    def _check_augmentation(self) -> None:
+        policies = ("none", "randaugment", "trivialaugment")  # the Literal's: the YAML loader checks those
+        if self.auto_augment not in policies:
+            raise ValueError(f"data.auto_augment={self.auto_augment!r} is not one of {list(policies)}")
+        if self.auto_augment != "randaugment" and (self.randaugment_num_ops, self.randaugment_magnitude) != (2, 9):
+            raise ValueError(f"data.randaugment_num_ops and data.randaugment_magnitude apply to "
+                             f"data.auto_augment=randaugment only, and it is {self.auto_augment!r}; set "
+                             f"data.auto_augment=randaugment or remove them")
+        if self.randaugment_num_ops < 1:
+            raise ValueError(f"data.randaugment_num_ops={self.randaugment_num_ops} must be >= 1 (2 is usual); for "
+                             f"no policy set data.auto_augment=none")
+        if not 0 <= self.randaugment_magnitude <= 30:
+            raise ValueError(f"data.randaugment_magnitude={self.randaugment_magnitude} must be in 0..30 "
+                             f"(torchvision's 31 magnitude bins), e.g. 9")
+        if not 0.0 <= self.random_erasing <= 1.0:
+            raise ValueError(f"data.random_erasing={self.random_erasing} is a probability: use a value in [0, 1], "
+                             f"e.g. 0.25 (0 turns it off)")
+        if self.repeated_augmentation < 1:
+            raise ValueError(f"data.repeated_augmentation={self.repeated_augmentation} must be >= 1: the number of "
+                             f"times each drawn sample appears in an epoch (1 turns it off, DeiT uses 3)")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """ImageNet JPEG decoding with augmentation: encoded bytes -> uint8 CHW tensor.
 
 Training: RandomResizedCrop(size, scale=(0.08, 1), ratio=(3/4, 4/3)) and a horizontal flip with
-probability 1/2. Evaluation: resize the shorter side to ``resize``, centre-crop ``size``.
-Normalisation is left to the device.
+probability 1/2, then optionally torchvision's RandAugment, TrivialAugmentWide and RandomErasing on the uint8
+image (``dist_train/data/augment.py``). Evaluation: resize the shorter side to ``resize``, centre-crop
+``size``. Normalisation is left to the device.
 
 Why not torchvision's PIL transforms (measurements in benchmarks/bench_decode.py, docs/data.md):
 
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dist_train.data.augment import Augment
 from dist_train.data.errors import BadSample
 
 try:  # optional: a faster decoder of the same libjpeg-turbo output
@@ -51,9 +53,10 @@ Box = tuple[float, float, float, float]  # left, top, right, bottom in source pi
 
 def train_decoder(size: int = 224, *, seed: int | None = None,
                   scale: tuple[float, float] = (0.08, 1.0),
-                  ratio: tuple[float, float] = (3 / 4, 4 / 3), backend: str = "auto") -> TrainDecoder:
-    """RandomResizedCrop + horizontal flip; see ``TrainDecoder`` for how ``seed`` is used."""
-    return TrainDecoder(size, seed=seed, scale=scale, ratio=ratio, backend=backend)
+                  ratio: tuple[float, float] = (3 / 4, 4 / 3), backend: str = "auto",
+                  augment: Augment | None = None) -> TrainDecoder:
+    """RandomResizedCrop + horizontal flip, then ``augment``; see ``TrainDecoder`` for how ``seed`` is used."""
+    return TrainDecoder(size, seed=seed, scale=scale, ratio=ratio, backend=backend, augment=augment)
 
 
 def eval_decoder(size: int = 224, resize: int = 256, *, backend: str = "auto") -> EvalDecoder:
@@ -62,25 +65,27 @@ def eval_decoder(size: int = 224, resize: int = 256, *, backend: str = "auto") -
 
 
 class TrainDecoder:
-    """Callable ``bytes -> uint8 tensor (3, size, size)`` with random crop and flip.
+    """Callable ``bytes -> uint8 tensor (3, size, size)`` with random crop and flip, then ``augment``.
 
     The training stream passes each call a generator seeded by the sample's place in the epoch order, so
     a crop does not depend on which worker decodes it. Called without one, random numbers come from a
     private generator created on first use in each process, so every DataLoader worker draws its own
     stream. Its seed is ``(seed, worker id)`` when ``seed`` is given, else ``torch.initial_seed()``, which
-    the DataLoader already makes distinct per worker and reproducible from ``torch.manual_seed``.
+    the DataLoader already makes distinct per worker and reproducible from ``torch.manual_seed``. ``augment``
+    draws from the same generator after the crop and flip, so without it the crops are what they were.
     """
 
     def __init__(self, size: int, *, seed: int | None = None,
                  scale: tuple[float, float] = (0.08, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3), backend: str = "auto"):
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), backend: str = "auto",
+                 augment: Augment | None = None):
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         if not 0 < scale[0] <= scale[1] <= 1:
             raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
         if not 0 < ratio[0] <= ratio[1]:
             raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
-        self.size, self.seed, self.scale, self.ratio = size, seed, scale, ratio
+        self.size, self.seed, self.scale, self.ratio, self.augment = size, seed, scale, ratio, augment
         self.use_simplejpeg = _use_simplejpeg(backend)
         self._rng: random.Random | None = None
         self._rng_pid: int | None = None
@@ -97,7 +102,8 @@ class TrainDecoder:
         # reduced pixel, immaterial for a random crop.
         left, top, right, bottom = (round(v) for v in box)
         out = resize_uint8(pixels[:, :, top:bottom, left:right], self.size, self.size)
-        return (out.flip(-1) if flip else out)[0].contiguous()
+        image = (out.flip(-1) if flip else out)[0].contiguous()
+        return image if self.augment is None else self.augment(image, rng)
 
     def _process_rng(self) -> random.Random:
         if self._rng_pid != os.getpid():  # first call in this process (or a forked copy)

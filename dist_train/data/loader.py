@@ -6,7 +6,8 @@ epoch is a fresh seeded permutation of the training set, dealt to ranks and work
 hangs on uneven shards and the global batch can change mid-epoch. The stream is a ``Stateful``: its position
 is a few integers, and a resumed stream starts there at the cost of skipping, without decoding, to an offset
 inside the shards in flight. Augmentation draws from a generator seeded by (seed, epoch, position), so a
-sample is cropped the same way whichever worker, rank or restart decodes it.
+sample is cropped (and RandAugment-ed, erased) the same way whichever worker, rank or restart decodes it. With
+repeated augmentation, a copy is a position of its own, and so gets augmentations of its own.
 
 Evaluation (``eval_batches``): one pass in which the evaluation split, in manifest order, is cut into equal
 contiguous ranges per rank and worker, so every sample is counted exactly once for any number of ranks and
@@ -29,8 +30,9 @@ import numpy as np
 import torch
 
 from dist_train.config import DataConfig
+from dist_train.data.augment import Augment, build_augment
 from dist_train.data.errors import BadSample
-from dist_train.data.order import Deal, EpochOrder, StreamPosition, advanced, redeal, stream_ranges, unread
+from dist_train.data.order import Deal, EpochOrder, Lane, StreamPosition, advanced, redeal, stream_ranges, unread
 from dist_train.data.reader import ShardReader
 
 log = logging.getLogger(__name__)
@@ -96,17 +98,35 @@ Decode = Callable[..., torch.Tensor]
 """``decode(image_bytes, rng)``: a uint8 CHW tensor; ``rng`` drives the sample's augmentation."""
 
 
-def image_decoder(manifest: dict[str, Any], *, train: bool, image_size: int) -> tuple[str, Decode]:
-    """The sample key holding the image, and a function from its bytes (and a generator) to a uint8 CHW tensor."""
+def image_decoder(manifest: dict[str, Any], *, train: bool, image_size: int,
+                  augment: Augment | None = None) -> tuple[str, Decode]:
+    """The sample key holding the image, and a function from its bytes (and a generator) to a uint8 CHW tensor;
+    ``augment`` (JPEG training only) runs after the crop and flip."""
     encoding = manifest["image"]["encoding"]
     if encoding == "png":
+        assert augment is None, "train_augment refuses augmentation of PNG shards"
         return "png", _decode_png
     if encoding == "jpeg":
         from dist_train.data import jpeg
 
         size = image_size or 224
-        return "jpg", jpeg.train_decoder(size) if train else jpeg.eval_decoder(size, resize=round(size * 256 / 224))
+        return "jpg", (jpeg.train_decoder(size, augment=augment) if train else
+                       jpeg.eval_decoder(size, resize=round(size * 256 / 224)))
     raise ValueError(f"unknown image encoding {encoding!r} in the manifest; re-run dist-train make-shards")
+
+
+def train_augment(manifest: dict[str, Any], cfg: DataConfig) -> Augment | None:
+    """The augmentation after the crop and flip that ``cfg`` asks for; an error for PNG shards, whose pipeline
+    has no random augmentation at all (Fashion-MNIST), so repeats of a sample would be identical."""
+    asked = [f"data.{name}={getattr(cfg, name)}" for name, off in
+             (("auto_augment", "none"), ("random_erasing", 0.0), ("repeated_augmentation", 1)) if getattr(cfg, name) != off]
+    if asked and manifest["image"]["encoding"] != "jpeg":
+        raise ValueError(f"{', '.join(asked)} need JPEG shards (ImageNet); the shards in {cfg.shards!r} hold "
+                         f"{manifest['image']['encoding']} images ({manifest['dataset']}), decoded without random "
+                         f"augmentation; remove these settings")
+    mean = NORMALISATION.get(manifest["dataset"], ((0.5,) * manifest["image"]["channels"],))[0]
+    return build_augment(cfg.auto_augment, num_ops=cfg.randaugment_num_ops, magnitude=cfg.randaugment_magnitude,
+                         random_erasing=cfg.random_erasing, mean=mean)
 
 
 def _sample_rng(seed: int, epoch: int, position: int) -> random.Random:
@@ -163,23 +183,48 @@ class _TrainWorkerData(torch.utils.data.IterableDataset):
         drawn = self.position.micro_batches // deal.ranks
         role = (drawn + (info.id if info is not None else 0)) % deal.workers
         stream = deal.stream(self.rank, role)
-        reader = ShardReader(self.split.urls, names=self.split.names)
+        readers: list[ShardReader] = []  # one per lane, each moving forward through its own shards
         batcher = _MicroBatcher(self.key, self.decode, deal.micro)
         starts = self.split.starts
         try:
-            for epoch, lo, hi in stream_ranges(self.order, self.position, stream):
-                for position, shard, offset, sample in _read_order_range(reader, self.order, epoch, lo, hi):
+            for epoch, lanes in stream_ranges(self.order, self.position, stream):
+                readers += [ShardReader(self.split.urls, names=self.split.names)
+                            for _ in range(len(lanes) - len(readers))]
+                for position, shard, offset, sample in _read_lanes(readers, self.order, epoch, lanes):
                     batch = batcher.add(sample, int(starts[shard] + offset),
                                         _sample_rng(self.order.seed, epoch, position))
                     if batch is not None:
                         yield batch
         finally:
-            reader.close()
+            for reader in readers:
+                reader.close()
+
+
+def _read_lanes(readers: list[ShardReader], order: EpochOrder, epoch: int,
+                lanes: tuple[Lane, ...]) -> Iterator[tuple[int, int, int, dict[str, bytes]]]:
+    """``_read_order_range`` over each lane's intervals, the lanes in turn (one sample from each per round)."""
+    streams = [_read_lane(reader, order, epoch, lane) for reader, lane in zip(readers, lanes)]
+    while streams:
+        for items in list(streams):
+            item = next(items, None)
+            if item is None:
+                streams.remove(items)
+            else:
+                yield item
+
+
+def _read_lane(reader: ShardReader, order: EpochOrder, epoch: int,
+               lane: Lane) -> Iterator[tuple[int, int, int, dict[str, bytes]]]:
+    for start, stop in lane:
+        for first, lo, hi in order.picks(epoch, start, stop):
+            for position, shard, offset, sample in _read_order_range(reader, order, epoch, lo, hi):
+                yield first + position - lo, shard, offset, sample
 
 
 def _read_order_range(reader: ShardReader, order: EpochOrder, epoch: int, start: int,
                       stop: int) -> Iterator[tuple[int, int, int, dict[str, bytes]]]:
-    """``(order position, shard, offset, sample)`` for order positions ``[start, stop)`` of ``epoch``, in order.
+    """``(position, shard, offset, sample)`` for the permuted samples ``[start, stop)`` of ``epoch``, in order
+    (the order positions that draw them, without repeats).
 
     Each window's samples are read in shard order (forward through each shard) and handed out in the
     window's permuted order: at most one window of encoded samples is held."""
@@ -213,9 +258,11 @@ class TrainStream:
     def __init__(self, manifest: dict[str, Any], cfg: DataConfig, *, micro_batch_size: int, rank: int,
                  world_size: int, seed: int):
         self.split = split_of(manifest, cfg, "train")
-        self.order = EpochOrder(self.split.sizes, seed=seed, window=cfg.shuffle_buffer, resample=cfg.resample)
+        self.order = EpochOrder(self.split.sizes, seed=seed, window=cfg.shuffle_buffer, resample=cfg.resample,
+                                repeats=cfg.repeated_augmentation)
         self.rank, self.num_workers = rank, cfg.num_workers
-        self.key, self.decode = image_decoder(manifest, train=True, image_size=cfg.image_size)
+        self.key, self.decode = image_decoder(manifest, train=True, image_size=cfg.image_size,
+                                              augment=train_augment(manifest, cfg))
         self.position = StreamPosition(Deal(ranks=world_size, workers=max(1, cfg.num_workers), micro=micro_batch_size))
         self._generation = 0
         share = self.split.num_samples / self.position.deal.streams
@@ -252,8 +299,9 @@ class TrainStream:
                              f"reads {STATE_VERSION}; resume with the dist_train that wrote it, or start afresh")
         if state["order"] != self._order_facts():
             raise ValueError(f"the checkpoint's data order was {state['order']}, this run's is {self._order_facts()}: "
-                             f"resume with the same shards, train.seed, data.shuffle_buffer and data.resample (see "
-                             f"config.yaml in train.run_dir), or start afresh in a new train.run_dir")
+                             f"resume with the same shards, train.seed, data.shuffle_buffer, data.resample and "
+                             f"data.repeated_augmentation (see config.yaml in train.run_dir), or start afresh in a new "
+                             f"train.run_dir")
         pool = state["base_pool"]
         saved = StreamPosition(Deal(*state["deal"]), base_epoch=int(state["base_epoch"]),
                                base_pool=None if pool is None else tuple((int(a), int(b)) for a, b in pool),
@@ -268,8 +316,10 @@ class TrainStream:
 
     def _order_facts(self) -> dict[str, Any]:
         o = self.order
-        return {"seed": o.seed, "window": o.window, "resample": o.resample, "num_shards": len(o.shard_sizes),
-                "num_samples": sum(o.shard_sizes)}
+        facts = {"seed": o.seed, "window": o.window, "resample": o.resample, "num_shards": len(o.shard_sizes),
+                 "num_samples": sum(o.shard_sizes)}
+        # Only when on, so that positions saved before repeated augmentation existed still load.
+        return facts if o.repeats == 1 else {**facts, "repeats": o.repeats}
 
 
 class _EvalWorkerData(torch.utils.data.IterableDataset):

@@ -6,14 +6,16 @@ and resuming from it costs the same at step 10 and at epoch 80. Three layers (do
 1. **The epoch order** (``EpochOrder``): the shards of epoch ``e`` in a seeded permutation (or drawn with
    replacement), laid end to end, then permuted inside windows of ``window`` consecutive samples whose
    boundaries shift every epoch. A pure function of (seed, epoch, position): there is no shuffle buffer
-   to checkpoint.
+   to checkpoint. With repeated augmentation (``repeats`` k > 1) the epoch keeps its length N but is k passes
+   over the first ceil(N / k) samples of that permutation, and the deal puts the k copies of a sample in the
+   same step on consecutive ranks (``_repeated_plans``).
 2. **The deal** (``Deal``): the run's sample sequence is cut into micro-batches of ``micro`` samples; global
    micro-batch ``j`` goes to rank ``j mod R`` and, on that rank, to worker ``(j div R) mod W``, which is the
    order in which a DataLoader takes batches from its workers. So once every rank has drawn ``k``
    micro-batches, exactly the first ``k * R * micro`` samples have been consumed, whatever the global
    batch size did meanwhile. Within an epoch, each stream's (rank's worker's) samples are one contiguous
-   range of the epoch order, so a worker reads its shards front to back; striding over micro-batches
-   instead would make every worker read every shard.
+   range of the epoch order (with repeats k: k ranges read in turn, plus two short ones), so a worker reads
+   its shards front to back; striding over micro-batches instead would make every worker read every shard.
 3. **The position** (``StreamPosition``): the epoch in which the current deal began, the parts of that
    epoch still unread at that moment (all of it, unless the deal changed mid-epoch), the deal, and the
    global count of micro-batches drawn since. It says what the run has read, not where one worker stands,
@@ -35,6 +37,11 @@ import numpy as np
 
 Interval = tuple[int, int]
 """Half-open ``[start, stop)`` positions of one epoch's order."""
+Lane = tuple[Interval, ...]
+"""Positions read one after another."""
+Read = tuple[Lane, ...]
+"""Lanes read in turn, one position from each in every round; no lane is longer than the one before it, nor
+shorter by more than one position. A single lane reads its positions in order."""
 
 _SHARDS_SALT, _WINDOW_SALT = 0x5A4D, 0x57494E  # keep the two kinds of draw apart in one seed space
 _PIECE = 256  # layout positions handed out at a time when nothing is permuted
@@ -56,12 +63,18 @@ class EpochOrder:
     encoded samples, and reads up to two windows beyond its share of an epoch (reading, not decoding)."""
     resample: bool = False
     """Draw each epoch's shards with replacement instead of permuting them (webdataset's resampling)."""
+    repeats: int = 1
+    """Repeated augmentation: an epoch of N positions is ``repeats`` passes over the first ceil(N / repeats)
+    samples of its permuted order (``passes``), so each of them is drawn that many times, with other
+    augmentations (each position seeds its own), and the others not at all that epoch."""
 
     def __post_init__(self) -> None:
         if not self.shard_sizes or min(self.shard_sizes) < 0 or sum(self.shard_sizes) == 0:
             raise ValueError(f"EpochOrder needs shards holding samples, got sizes {self.shard_sizes[:8]}")
         if self.window < 0:
             raise ValueError(f"window must be >= 0, got {self.window}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
 
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng([self.seed % 2**63, *key])
@@ -86,8 +99,24 @@ class EpochOrder:
     def _rotation(self, epoch: int) -> int:
         return int(self._rng(_WINDOW_SALT, epoch).integers(0, self.window)) if self.window > 1 else 0
 
+    def passes(self, epoch: int) -> np.ndarray:
+        """Order position at which each pass of ``epoch`` begins, then the epoch's length. Pass c holds
+        ceil((N - c) / repeats) positions, and its i-th position draws the permuted sample i."""
+        n, k = self.length(epoch), self.repeats
+        return np.concatenate([[0], np.cumsum([(n - c + k - 1) // k for c in range(k)])]).astype(np.int64)
+
+    def picks(self, epoch: int, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """``(order position, first, stop)``: order positions ``[start, stop)`` draw the permuted samples
+        ``[first, stop)`` of ``epoch`` (the positions ``windows`` takes), in pieces that each lie in one pass."""
+        starts = self.passes(epoch)
+        for c in range(self.repeats):
+            lo, hi = max(start, int(starts[c])), min(stop, int(starts[c + 1]))
+            if lo < hi:
+                yield lo, lo - int(starts[c]), hi - int(starts[c])
+
     def windows(self, epoch: int, start: int, stop: int) -> Iterator[np.ndarray]:
-        """The layout positions of order positions ``[start, stop)``, one array per window they touch."""
+        """The layout positions of the permuted samples ``[start, stop)``, one array per window they touch.
+        Without repeats, the permuted sample i is the one at order position i."""
         if self.window <= 1:  # the stored order, in pieces: nothing needs holding back
             for lo in range(start, stop, _PIECE):
                 yield np.arange(lo, min(lo + _PIECE, stop), dtype=np.int64)
@@ -158,13 +187,13 @@ class StreamPosition:
         return self.micro_batches * self.deal.micro
 
 
-def _segment(order: EpochOrder, position: StreamPosition, i: int) -> tuple[int, tuple[Interval, ...]]:
+def _segment(order: EpochOrder, position: StreamPosition, i: int) -> tuple[int, tuple[Interval, ...], bool]:
     """Segment ``i`` of the sequence since the deal began: the unread pool of the base epoch, then whole
-    epochs. Returns (epoch, its order intervals)."""
+    epochs. Returns (epoch, its order intervals, whether they are the whole epoch)."""
     epoch = position.base_epoch + i
     if i == 0 and position.base_pool is not None:
-        return epoch, position.base_pool
-    return epoch, ((0, order.length(epoch)),)
+        return epoch, position.base_pool, False
+    return epoch, ((0, order.length(epoch)),), True
 
 
 def _pool_slice(pool: Sequence[Interval], start: int, stop: int) -> Iterator[Interval]:
@@ -190,21 +219,92 @@ def _shares(deal: Deal, seg_start: int, seg_stop: int) -> np.ndarray:
     return deal.samples_before(streams, seg_stop) - deal.samples_before(streams, seg_start)
 
 
-def stream_ranges(order: EpochOrder, position: StreamPosition, stream: int) -> Iterator[tuple[int, int, int]]:
-    """The order ranges ``(epoch, start, stop)`` that ``stream`` reads from ``position`` on, endlessly."""
+def _plans(order: EpochOrder, deal: Deal, epoch: int, *, whole: bool, seg_start: int,
+           seg_stop: int) -> list[list[Read]]:
+    """What each stream reads of the segment spanning sequence samples ``[seg_start, seg_stop)``, in pool
+    coordinates and in the order it draws them. Plainly, one contiguous range per stream, the streams' ranges
+    in stream order."""
+    shares = _shares(deal, seg_start, seg_stop)
+    if order.repeats > 1 and whole:
+        return _repeated_plans(order, deal, epoch, shares, seg_start=seg_start, seg_stop=seg_stop)
+    offsets = np.concatenate([[0], np.cumsum(shares)])
+    return [[(((int(offsets[s]), int(offsets[s + 1])),),)] for s in range(deal.streams)]
+
+
+def _repeated_plans(order: EpochOrder, deal: Deal, epoch: int, shares: np.ndarray, *, seg_start: int,
+                    seg_stop: int) -> list[list[Read]]:
+    """A whole epoch with repeats k: the k copies of a sample in one step, on k consecutive ranks (torchvision's
+    RASampler puts them there too), each stream still reading a few contiguous ranges.
+
+    The segment's whole periods (one micro-batch for every stream) are its core, in which every stream draws
+    the same K samples (K a multiple of k). Core draw k * j + c of rank r's worker w is copy c (pass c) of the
+    j-th sample of the block that rank (r - c) mod R, worker w, owns: the blocks of D = K / k samples tile
+    the first S * D permuted samples. So the copies fall at adjacent draws of one period, on ranks r, r + 1,
+    ... (mod R; on one rank for R = 1). The rest of each pass (the periods cut by the epoch's boundaries, at
+    most one period's S * micro samples an epoch) is dealt plainly, before and after the core, and its copies
+    meet at other times."""
+    k, ranks, streams, period = order.repeats, deal.ranks, deal.streams, deal.streams * deal.micro
+    first, last = -(-seg_start // period), seg_stop // period  # the whole periods [first, last)
+    core_start = min(first * period, seg_stop)
+    core = max(last - first, 0) * deal.micro
+    core -= core % k
+    block = core // k
+    all_streams = np.arange(streams)
+    head = deal.samples_before(all_streams, core_start) - deal.samples_before(all_streams, seg_start)
+    passes = order.passes(epoch)
+    rest = [(int(passes[c]) + streams * block, int(passes[c + 1])) for c in range(k)]  # pool coordinates
+    rest_offsets = np.concatenate([[0], np.cumsum(shares - core)])
+    plans = []
+    for s in range(streams):
+        rank, worker = s % ranks, s // ranks
+        owners = [(rank - c) % ranks + ranks * worker for c in range(k)]
+        lanes = tuple(((int(passes[c]) + o * block, int(passes[c]) + (o + 1) * block),) for c, o in enumerate(owners))
+        lo, mid, hi = int(rest_offsets[s]), int(rest_offsets[s] + head[s]), int(rest_offsets[s + 1])
+        plans.append([(tuple(_pool_slice(rest, lo, mid)),), lanes, (tuple(_pool_slice(rest, mid, hi)),)])
+    return plans
+
+
+def _lane_counts(read: Read, drawn: int) -> list[int]:
+    """Positions taken from each lane of ``read`` by its first ``drawn`` draws (lanes in turn)."""
+    n = len(read)
+    return [min(_pool_size(lane), max(0, -(-(drawn - i) // n))) for i, lane in enumerate(read)]
+
+
+def _taken(plan: Sequence[Read], drawn: int) -> Iterator[Interval]:
+    """The pool intervals that the first ``drawn`` draws of ``plan`` read."""
+    for read in plan:
+        for lane, count in zip(read, _lane_counts(read, drawn)):
+            yield from _pool_slice(lane, 0, count)
+        drawn = max(drawn - sum(_pool_size(lane) for lane in read), 0)
+
+
+def _after(plan: Sequence[Read], drawn: int) -> Iterator[Read]:
+    """``plan`` without its first ``drawn`` draws: the lane whose turn is next comes first."""
+    for read in plan:
+        size = sum(_pool_size(lane) for lane in read)
+        if drawn < size:
+            rest = [tuple(_pool_slice(lane, count, _pool_size(lane))) for lane, count in
+                    zip(read, _lane_counts(read, drawn))]
+            turn = drawn % len(read)
+            yield tuple(lane for lane in rest[turn:] + rest[:turn] if lane)
+        drawn = max(drawn - size, 0)
+
+
+def stream_ranges(order: EpochOrder, position: StreamPosition, stream: int) -> Iterator[tuple[int, Read]]:
+    """What ``stream`` reads from ``position`` on, endlessly: ``(epoch, lanes of order intervals)``, the lanes
+    read in turn (a single lane, read in order, unless repeated augmentation interleaves the copies)."""
     deal = position.deal
     drawn = int(deal.samples_before(stream, position.samples))  # this stream's samples already consumed
     seg_start, i = 0, 0
     while True:
-        epoch, pool = _segment(order, position, i)
+        epoch, pool, whole = _segment(order, position, i)
         seg_stop = seg_start + _pool_size(pool)
         mine_start = int(deal.samples_before(stream, seg_start))
         mine_stop = int(deal.samples_before(stream, seg_stop))
         if mine_stop > drawn:
-            offset = int(_shares(deal, seg_start, seg_stop)[:stream].sum())  # streams lie in order
-            skip = max(drawn - mine_start, 0)
-            for lo, hi in _pool_slice(pool, offset + skip, offset + mine_stop - mine_start):
-                yield epoch, lo, hi
+            plan = _plans(order, deal, epoch, whole=whole, seg_start=seg_start, seg_stop=seg_stop)[stream]
+            for read in _after(plan, max(drawn - mine_start, 0)):
+                yield epoch, tuple(tuple(iv for lo, hi in lane for iv in _pool_slice(pool, lo, hi)) for lane in read)
         seg_start, i = seg_stop, i + 1
 
 
@@ -214,23 +314,20 @@ def unread(order: EpochOrder, position: StreamPosition) -> tuple[int, tuple[Inte
     deal, consumed = position.deal, position.samples
     seg_start, i = 0, 0
     while True:
-        epoch, pool = _segment(order, position, i)
+        epoch, pool, whole = _segment(order, position, i)
         seg_stop = seg_start + _pool_size(pool)
         if consumed < seg_stop:
             break
         seg_start, i = seg_stop, i + 1
-    shares = _shares(deal, seg_start, seg_stop)
-    offsets = np.concatenate([[0], np.cumsum(shares)])
-    taken = deal.samples_before(np.arange(deal.streams), consumed) - deal.samples_before(
-        np.arange(deal.streams), seg_start)
-    gaps: list[Interval] = []  # pool coordinates not yet taken: each stream's untaken tail
-    for s in range(deal.streams):
-        lo, hi = int(offsets[s] + taken[s]), int(offsets[s + 1])
-        if lo < hi:
-            if gaps and gaps[-1][1] == lo:
-                gaps[-1] = (gaps[-1][0], hi)
-            else:
-                gaps.append((lo, hi))
+    plans = _plans(order, deal, epoch, whole=whole, seg_start=seg_start, seg_stop=seg_stop)
+    streams = np.arange(deal.streams)
+    taken = deal.samples_before(streams, consumed) - deal.samples_before(streams, seg_start)
+    done = _merge([iv for s, plan in enumerate(plans) for iv in _taken(plan, int(taken[s]))])
+    gaps, at = [], 0  # pool coordinates not yet taken
+    for lo, hi in (*done, (seg_stop - seg_start, seg_stop - seg_start)):
+        if at < lo:
+            gaps.append((at, lo))
+        at = hi
     return epoch, _merge([iv for lo, hi in gaps for iv in _pool_slice(pool, lo, hi)])
 
 

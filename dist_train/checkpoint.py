@@ -3,6 +3,8 @@
 A checkpoint is a directory ``step-NNNNNNNN/`` holding
   - ``rank-R.pt``: each rank's own training state (progress, RNG streams, noise-scale averages);
   - the backend's files (DDP: ``backend.pt`` written by rank 0; DeepSpeed: its per-rank shards);
+  - the other weights evaluated, written by rank 0 for export: Lookahead's slow ones (``model-slow.pt``)
+    and the EMA (``model-ema.pt``, which a resume reads too);
   - ``MANIFEST.json``: the world size, facts of the run that a resume must keep (``run``: the resolved
     precision), and a sha256 per file, written last.
 It is written under a temporary name and renamed into place by rank 0 once every rank is done,
@@ -249,9 +251,10 @@ class Checkpointer:
         if set(saved) != set(states):
             raise CheckpointError(
                 f"checkpoint {path} holds the parts {sorted(saved)} but this run has {sorted(states)} (the noise "
-                f"scale or the adaptive batch switched on or off? a checkpoint without 'data' comes from a "
-                f"dist_train that did not save the data position); resume with the config and version it was "
-                f"written with (its config.yaml in train.run_dir), or start afresh in a new train.run_dir")
+                f"scale, the adaptive batch or the EMA of the weights switched on or off? a checkpoint without "
+                f"'data' comes from a dist_train that did not save the data position); resume with the config and "
+                f"version it was written with (its config.yaml in train.run_dir), or start afresh in a new "
+                f"train.run_dir")
         for name, part in states.items():
             part.load_state_dict(saved[name])
 

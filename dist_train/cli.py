@@ -14,7 +14,8 @@ def _train(args: argparse.Namespace) -> int:
 
     summary = run(args.config, args.overrides)
     if summary.get("is_main") and "eval/acc1" in summary:
-        print(f"final test accuracy: {summary['eval/acc1']:.4f}")
+        ema = f" (EMA of the weights: {summary['eval/ema_acc1']:.4f})" if "eval/ema_acc1" in summary else ""
+        print(f"final test accuracy: {summary['eval/acc1']:.4f}{ema}")
     return 0
 
 

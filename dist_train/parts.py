@@ -13,7 +13,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # the annotations only: importing these at run time would pull in torch and mlflow
+    from pathlib import Path
+
     import torch
+    from torch import nn
 
     from dist_train.backends import Backend
     from dist_train.checkpoint import Checkpointer
@@ -84,6 +87,25 @@ class BatchMixer(Protocol):
                  micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+class WeightAverage(Stateful, Protocol):
+    """An average of the model's weights kept beside it (the EMA, ``dist_train.ema``), evaluated as a model of
+    its own. Its weights are the same on every rank and go to a file of their own, which the main rank
+    writes; its ``state_dict`` holds the rest."""
+
+    @property
+    def module(self) -> nn.Module:
+        """The averaged model, to evaluate."""
+        ...
+
+    def update(self, model: nn.Module, *, step: int) -> None:
+        """After optimizer step ``step`` (counted from 1), on every rank."""
+        ...
+
+    def save_weights(self, directory: Path) -> None: ...
+
+    def load_weights(self, directory: Path) -> None: ...
+
+
 def _null_tracker() -> Tracker:
     from dist_train.tracking import NullTracker
 
@@ -110,6 +132,8 @@ class TrainerParts:
     """Fed by the backend's measurement each step, or None when the noise scale is not measured."""
     batch_controller: BatchController | None = None
     """The adaptive mode's controller (needs ``noise``), or None."""
+    ema: WeightAverage | None = None
+    """The EMA of the weights (``train.ema_decay``), or None."""
     batch_mixer: BatchMixer | None = None
     """MixUp/CutMix of each training micro-batch before the forward (``dist_train/mixing.py``), or None."""
     logged_through_step: int = 0

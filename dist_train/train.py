@@ -120,6 +120,7 @@ def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Preci
     backend = build_backend(cfg.backend.name, info, micro_batch_size=cfg.train.micro_batch_size,
                             **cfg.backend.options(replace(cfg.train, precision=precision)))
     backend.setup(model, lambda m: build_optimizer(m, cfg.optim, shard=cfg.backend.shard_optimizer_state))
+    ema = _weight_ema(cfg, backend.module, info)  # a copy of the module as set up: on its device, in its layout
     schedule = Schedule(cfg.schedule, base_lr=cfg.optim.lr, base_momentum=cfg.optim.momentum,
                         base_global_batch_size=cfg.train.global_batch_size, dataset_size=dataset_size,
                         optimizer_family=optimizer_family(cfg.optim.name),
@@ -133,7 +134,7 @@ def _parts(cfg: Config, info: Any, manifest: dict[str, Any], *, precision: Preci
                                       world_size=info.world_size, seed=data_seed(cfg.train.seed)),
         eval_loader_fn=lambda: loader.eval_batches(manifest, cfg.data, micro_batch_size=micro, rank=info.rank,
                                                    world_size=info.world_size),
-        normalise=Normalise(mean, std, device=info.device, channels_last=cfg.model.channels_last),
+        normalise=Normalise(mean, std, device=info.device, channels_last=cfg.model.channels_last), ema=ema,
         dataset_size=dataset_size, checkpointer=checkpointer, noise=noise, batch_controller=controller,
         batch_mixer=build_mixer(cfg.train, num_classes=num_classes, seed=mixing_seed(cfg.train.seed)))
 
@@ -170,18 +171,32 @@ def _fit_and_report(trainer: Any, info: Any, run_dir: Path, *, resume_from: Path
     return summary
 
 
+def _weight_ema(cfg: Config, module: Any, info: Any) -> Any:
+    """The EMA of ``module``'s weights (``train.ema_decay``), or None when it is off."""
+    if not cfg.train.ema_decay:
+        return None
+    from dist_train.distributed import broadcast_tensors
+    from dist_train.ema import WeightEMA
+
+    return WeightEMA(module, decay=cfg.train.ema_decay, every_steps=cfg.train.ema_every_steps,
+                     broadcast_buffers=partial(broadcast_tensors, info))
+
+
 def _log_model(trainer: Any, run_dir: Path) -> None:
-    """The final checkpoint's evaluated weights, exported to ``<run_dir>/model/model.pt`` and logged there."""
+    """The final checkpoint's evaluated weights, exported to ``<run_dir>/model/model.pt`` and logged there; with
+    an EMA of the weights, the EMA too, as ``model/model-ema.pt``."""
     from dist_train.backends.export import export_state_dict
 
     final = trainer.checkpointer.paths()[-1]  # fit() always checkpoints at the end
-    try:
-        model_file = export_state_dict(final, run_dir / "model" / "model.pt")
-    except Exception as err:  # the run itself succeeded: keep it FINISHED, say how to get the model
-        log.warning("could not export the final model for MLflow (%s); the checkpoint %s is complete: run "
-                    "`dist-train export %s model.pt` by hand", err, final, final)
-        return
-    trainer.tracker.log_artifact(model_file, artifact_path="model")
+    exports = {"model.pt": "evaluated", **({"model-ema.pt": "ema"} if trainer.ema is not None else {})}
+    for name, weights in exports.items():
+        try:
+            model_file = export_state_dict(final, run_dir / "model" / name, weights=weights)
+        except Exception as err:  # the run itself succeeded: keep it FINISHED, say how to get the model
+            log.warning("could not export the final model for MLflow (%s); the checkpoint %s is complete: run "
+                        "`dist-train export --weights %s %s %s` by hand", err, final, weights, final, name)
+            continue
+        trainer.tracker.log_artifact(model_file, artifact_path="model")
 
 
 def _noise_scale(cfg: Config, backend: Any, schedule: Any, info: Any) -> tuple[Any, Any]:

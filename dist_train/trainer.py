@@ -102,6 +102,9 @@ class Trainer:
             self.states["noise"] = parts.noise
         if parts.batch_controller is not None:
             self.states["batch_controller"] = parts.batch_controller
+        self.ema = parts.ema
+        if self.ema is not None:
+            self.states["ema"] = self.ema  # its update count; the weights go to their own file (_save_model_files)
         self.total_samples = self._total_samples()
         self._stream: Iterator[dict] | None = None
         self._window = _MetricWindow(self.backend.info.device)
@@ -113,7 +116,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Collective: every rank writes its part, rank 0 makes the checkpoint appear atomically."""
         path = self.checkpointer.save(step=self.progress.step, states=self.states,
-                                      save_backend=self._save_backend_files,
+                                      save_backend=self._save_model_files,
                                       run={"precision": self.backend.precision})
         self._last_checkpoint_time = time.monotonic()
         # The steps at which checkpoints exist, beside the metrics (the directory is the checkpoint.dir param).
@@ -121,10 +124,13 @@ class Trainer:
             self.tracker.log_metrics({"train/checkpoint_step": float(self.progress.step)}, step=self.progress.step)
         return path
 
-    def _save_backend_files(self, directory: Path) -> None:
+    def _save_model_files(self, directory: Path) -> None:
+        """Collective: the backend's files, and the weights of the other models evaluated, for export."""
         self.backend.save_to(directory)
         if isinstance(self.backend, HoldsSlowWeights):  # with Lookahead: the evaluated model, for export
             self.backend.save_slow_weights(directory)
+        if self.ema is not None and self.backend.is_main:  # the same on every rank: written once
+            self.ema.save_weights(directory)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore every state from checkpoint ``path``; one of another world size if the backend allows it
@@ -132,6 +138,8 @@ class Trainer:
         self.checkpointer.load_states(path, self.states, elastic=self.backend.resumes_at_any_world_size)
         with weights_only_loading(f"checkpoint {path}", trust_pickle=self.checkpointer.trust_pickle):
             self.backend.load_from(path)  # DeepSpeed's loader asks torch for a full unpickle: refused here
+        if self.ema is not None:
+            self.ema.load_weights(path)
         self._stream = None  # re-created at the restored data position on next use
         # The batch a restored controller chose must divide over this run's ranks (elastic resume).
         try:
@@ -265,6 +273,8 @@ class Trainer:
             self._window.grad_norm = backend.optimizer_step(grad_clip_norm=self.cfg.grad_clip_norm)
         self.progress.step += 1
         self.progress.samples_seen += state.global_batch_size
+        if self.ema is not None and not flags.nonfinite:  # a skipped step changed no weight: nothing to average
+            self.ema.update(backend.module, step=self.progress.step)
         return flags
 
     def _growth_wanted(self) -> torch.Tensor | None:
@@ -330,27 +340,42 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss (plain cross-entropy, without the training loss's label smoothing), top-1 and top-5 over the
-        whole evaluation split; each sample counted once across ranks."""
-        module = self.backend.module
-        module.eval()
-        totals = torch.zeros(4, dtype=torch.float64, device=self.backend.info.device)
+        whole evaluation split; each sample counted once across ranks.
+
+        ``eval/*`` measure the module (Lookahead's slow weights, where there are any); with an EMA of the
+        weights, ``eval/ema_*`` measure the EMA too, in the same pass over the data, as torchvision's
+        reference script reports both."""
+        modules = {"eval/": self.backend.module}
+        if self.ema is not None:
+            modules["eval/ema_"] = self.ema.module
+        for module in modules.values():
+            module.eval()
+        totals = torch.zeros(len(modules), 4, dtype=torch.float64, device=self.backend.info.device)
         swap = self.backend.slow_weights() if isinstance(self.backend, HoldsSlowWeights) else contextlib.nullcontext()
         with swap:  # Lookahead's slow weights, when there are any
             for batch in self.parts.eval_loader_fn():
                 images, labels = self.normalise(batch["image"]), batch["label"].to(self.backend.info.device)
-                with self.backend.autocast():
-                    logits = module(images).float()
-                top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                hits = top5 == labels[:, None]
-                totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                                       hits[:, 0].sum().double(), hits.any(dim=1).sum().double(),
-                                       torch.tensor(float(labels.numel()), device=totals.device).double()])
+                for i, module in enumerate(modules.values()):
+                    with self.backend.autocast():
+                        logits = module(images).float()
+                    totals[i] += _eval_sums(logits, labels)
         self.backend.all_reduce(totals)
-        loss, top1, top5, count = totals.tolist()
-        metrics = {"eval/loss": loss / max(count, 1), "eval/acc1": top1 / max(count, 1),
-                   "eval/acc5": top5 / max(count, 1), "eval/samples": count}
+        metrics: dict[str, float] = {}
+        for prefix, (loss, top1, top5, count) in zip(modules, totals.tolist()):
+            metrics.update({f"{prefix}loss": loss / max(count, 1), f"{prefix}acc1": top1 / max(count, 1),
+                            f"{prefix}acc5": top5 / max(count, 1)})
+        metrics["eval/samples"] = count
         self.tracker.log_metrics(metrics, step=self.progress.step)
         return metrics
+
+
+def _eval_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy, top-1 and top-5 hits and the sample count of one evaluation batch, in float64."""
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top5 == labels[:, None]
+    return torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(), hits[:, 0].sum().double(),
+                        hits.any(dim=1).sum().double(),
+                        torch.tensor(float(labels.numel()), device=logits.device).double()])
 
 
 class _MetricWindow:

@@ -7,6 +7,7 @@ same global batches is the reference every distributed run is compared against.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -15,7 +16,8 @@ from torch import nn
 from dist_train.backends import build_backend
 from dist_train.checkpoint import Checkpointer
 from dist_train.config import TrainConfig
-from dist_train.distributed import DistInfo, broadcast_object
+from dist_train.distributed import DistInfo, broadcast_object, broadcast_tensors
+from dist_train.ema import WeightEMA
 from dist_train.optim import build_optimizer, set_hyperparams
 from dist_train.optim.config import OptimConfig
 from dist_train.parts import TrainerParts
@@ -87,6 +89,7 @@ def make_trainer(rank: int, world_size: int, *, batches: list[dict], micro: int,
                  model_fn: Callable[[], nn.Module] = tiny_net, shard: bool = False, run_dir: str = "",
                  checkpoint_every_steps: int = 0, backend: str = "ddp",
                  backend_options: dict | None = None, schedule=None, noise=None, batch_controller=None,
+                 ema_decay: float = 0.0, ema_every_steps: int = 1,
                  train_data=None, batch_mixer=None) -> Trainer:
     """A Trainer over ``batches`` (or over ``train_data``, a real stream, in steps of the batches' sizes);
     ``schedule`` defaults to one that follows the batches' sizes."""
@@ -95,12 +98,15 @@ def make_trainer(rank: int, world_size: int, *, batches: list[dict], micro: int,
                     device=torch.device("cpu"))
     backend = build_backend(backend, info, micro_batch_size=micro, **(backend_options or {}))
     backend.setup(model_fn(), lambda m: build_optimizer(m, optim, shard=shard))
+    ema = (WeightEMA(backend.module, decay=ema_decay, every_steps=ema_every_steps,
+                     broadcast_buffers=partial(broadcast_tensors, info)) if ema_decay else None)
     cfg = TrainConfig(global_batch_size=sizes[0], micro_batch_size=micro, epochs=0, max_steps=len(batches),
                       eval_every_epochs=0, log_every_steps=1, progress_bar=False)
     parts = TrainerParts(
         backend=backend, schedule=schedule or ListSchedule(sizes), set_hyperparams=set_hyperparams,
         train_data=train_data or ListStream(batches, rank=rank, world_size=world_size, micro=micro),
         eval_loader_fn=lambda: iter(()), normalise=Normalise((0.5,), (0.25,), device=info.device, channels_last=False),
+        ema=ema,
         dataset_size=sum(sizes), noise=noise, batch_controller=batch_controller, batch_mixer=batch_mixer,
         checkpointer=Checkpointer(run_dir or "/nonexistent", keep_last=2, rank=rank, world_size=world_size,
                                   barrier=backend.barrier, broadcast=lambda obj: broadcast_object(info, obj)))

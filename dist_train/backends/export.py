@@ -10,7 +10,8 @@ dist_train, DeepSpeed or the number of ranks that trained it; use it for evaluat
 With Lookahead the trainer evaluates the slow weights, and the checkpoint also holds them as a model
 state_dict (``model-slow.pt``). ``--weights evaluated``, the default, exports those when they are there
 and the trained weights otherwise; ``fast`` always exports the trained (fast) weights, ``slow`` only
-the slow ones.
+the slow ones. With ``train.ema_decay`` the checkpoint also holds the EMA of the weights (``model-ema.pt``),
+which the trainer evaluates beside them as ``eval/ema_*``: ``--weights ema`` exports it.
 
 Every file is read weights-only, DeepSpeed's too (``checkpoint.weights_only_loading``): a checkpoint that
 holds other pickled objects is refused unless ``--trust-pickle`` says it comes from a trusted source.
@@ -33,9 +34,10 @@ from dist_train.checkpoint import (
     save_tensor_file,
     weights_only_loading,
 )
+from dist_train.ema import EMA_MODEL_FILE
 from dist_train.files import replaced_atomically
 
-WEIGHTS = ("evaluated", "fast", "slow")
+WEIGHTS = ("evaluated", "fast", "slow", "ema")
 
 
 def export_state_dict(checkpoint_path_or_dir: str | Path, out_path: str | Path, *, weights: str = "evaluated",
@@ -54,8 +56,9 @@ def model_state_dict(checkpoint_path_or_dir: str | Path, *, weights: str = "eval
     """The fp32 model state_dict held by a checkpoint directory (DDP or DeepSpeed) or a ``backend.pt``.
 
     ``weights``: ``evaluated`` (Lookahead's slow weights where the checkpoint has them, else the trained
-    ones), ``fast`` (the trained weights) or ``slow`` (an error without Lookahead). ``trust_pickle``: let
-    DeepSpeed's files unpickle in full (refused by default)."""
+    ones), ``fast`` (the trained weights), ``slow`` (an error without Lookahead) or ``ema`` (the EMA of the
+    weights; an error without ``train.ema_decay``). ``trust_pickle``: let DeepSpeed's files unpickle in full
+    (refused by default)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r}: choose one of {', '.join(WEIGHTS)}")
     path = Path(checkpoint_path_or_dir)
@@ -68,7 +71,12 @@ def model_state_dict(checkpoint_path_or_dir: str | Path, *, weights: str = "eval
     if weights == "slow" and not (path / SLOW_MODEL_FILE).is_file():
         raise CheckpointError(f"checkpoint {path} has no Lookahead slow weights ({SLOW_MODEL_FILE}): it was "
                               f"trained without optim.lookahead; export --weights fast (or evaluated)")
-    if weights != "fast" and (path / SLOW_MODEL_FILE).is_file():
+    if weights == "ema" and not (path / EMA_MODEL_FILE).is_file():
+        raise CheckpointError(f"checkpoint {path} has no EMA of the weights ({EMA_MODEL_FILE}): it was trained "
+                              f"without train.ema_decay; export --weights evaluated (or fast)")
+    if weights == "ema":
+        state = load_tensor_file(path / EMA_MODEL_FILE)
+    elif weights != "fast" and (path / SLOW_MODEL_FILE).is_file():
         state = load_tensor_file(path / SLOW_MODEL_FILE)
     elif (path / DDP_FILE).is_file():
         state = load_tensor_file(path / DDP_FILE)["model"]
@@ -100,7 +108,8 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> argparse.Argume
     parser.add_argument("--weights", choices=WEIGHTS, default="evaluated",
                         help="evaluated (default): Lookahead's slow weights when the run used Lookahead, which is "
                              "what its test accuracy measured, else the trained weights; fast: the trained "
-                             "weights; slow: the slow weights only")
+                             "weights; slow: the slow weights only; ema: the EMA of the weights, when the run kept "
+                             "one (train.ema_decay), which its eval/ema_* metrics measured")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="let DeepSpeed's files unpickle in full, which can run code they name: only for a "
                              "checkpoint from a source you trust (by default every file loads weights-only)")

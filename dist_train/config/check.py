@@ -30,6 +30,7 @@ def check(cfg: Config, world_size: int | None = None) -> None:
     _check_ghost_batch_norm(cfg)
     _check_optimizer_and_schedule(cfg)
     _check_preconditioned_noise_scale(cfg)
+    _check_ema(cfg)
     if world_size is not None:
         _check_batches(cfg, world_size)
 
@@ -114,6 +115,14 @@ def _check_preconditioned_noise_scale(cfg: Config) -> None:
                           "optimizer state only (with sharded state each rank holds 1/world of P: not built "
                           "yet); set backend.shard_optimizer_state=false or backend.name=ddp, or remove "
                           "preconditioned")
+
+
+def _check_ema(cfg: Config) -> None:
+    if cfg.train.ema_decay and cfg.backend.name != "ddp":
+        raise ConfigError(f"train.ema_decay with backend.name={cfg.backend.name}: not built yet (DeepSpeed's module "
+                          f"holds bf16 weights under bf16, whose average would round away each (1 - decay) "
+                          f"update, and the fp32 master weights live in ZeRO's partitions); use backend.name=ddp, "
+                          f"or train.ema_decay=0")
 
 
 def _check_batches(cfg: Config, world_size: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -162,6 +163,15 @@ class TrainConfig:
     and count it (``train/skipped_steps``)."""
     grad_clip_norm: float = 0.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights and BatchNorm statistics, e <- d e + (1 - d) theta
+    after every ``ema_every_steps``-th optimizer step (torch's ``AveragedModel``, as torchvision's recipe), and
+    evaluate it beside the model (``eval/ema_*``); ``dist-train export --weights ema`` writes it. d is per
+    update, in (0, 1), e.g. 0.9998: the average spans about ema_every_steps x B / (1 - d) samples. 0 turns it
+    off. DDP only (docs/optimizers.md)."""
+    ema_every_steps: int = 1
+    """Update the EMA after every this many optimizer steps (torchvision's ``--model-ema-steps``, 32 there):
+    fewer updates cost less, and ``ema_decay`` then applies per update."""
     label_smoothing: float = 0.0
     """Label smoothing epsilon of the training loss, through torch's ``cross_entropy(label_smoothing=)``: the
     target puts 1 - epsilon on the label and spreads epsilon evenly over all classes. The evaluation loss stays
@@ -203,6 +213,7 @@ class TrainConfig:
             raise ValueError("set train.epochs > 0 or train.max_steps > 0, or the run has no length")
         if self.log_every_steps < 1:
             raise ValueError("train.log_every_steps must be >= 1")
+        self._check_ema()
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"train.label_smoothing={self.label_smoothing} must be in [0, 1), e.g. 0.1 (0 turns "
                              f"it off)")
@@ -224,6 +235,18 @@ class TrainConfig:
         if (mixup or cutmix) and self.micro_batch_size < 2:
             raise ValueError("train.mixup_alpha and train.cutmix_alpha mix each sample with another of its "
                              "micro-batch, so they need train.micro_batch_size >= 2")
+
+
+    def _check_ema(self) -> None:
+        if not (self.ema_decay == 0.0 or 0.0 < self.ema_decay < 1.0):  # also refuses NaN
+            raise ValueError(f"train.ema_decay={self.ema_decay} must be in (0, 1), the weight each update keeps "
+                             f"of the average (e.g. 0.9998), or 0 to turn the EMA off")
+        if self.ema_every_steps < 1:
+            raise ValueError(f"train.ema_every_steps={self.ema_every_steps} must be >= 1 (1 updates the EMA after "
+                             f"every optimizer step)")
+        if self.ema_every_steps != 1 and self.ema_decay == 0.0:
+            warnings.warn(f"train.ema_every_steps={self.ema_every_steps} does nothing with train.ema_decay=0: the "
+                          f"EMA of the weights is off", stacklevel=2)
 
 
 @dataclass(frozen=True)
@@ -283,7 +306,8 @@ class TrackingConfig:
     """Track the run in MLflow at all."""
     log_model: bool = True
     """At the end, log the final checkpoint's evaluated weights (Lookahead's slow ones where used) as the
-    artifact ``model/model.pt``, a plain state_dict as ``dist-train export`` writes it."""
+    artifact ``model/model.pt``, a plain state_dict as ``dist-train export`` writes it; with ``train.ema_decay``,
+    the EMA of the weights too, as ``model/model-ema.pt``."""
     system_metrics: bool = True
     """Log CPU, memory, disk and network use (and GPU use where MLflow finds nvidia-ml-py) as ``system/*``
     metrics of the run, through MLflow's own monitor, from the main rank."""

@@ -232,6 +232,28 @@ def test_eval_decoder_matches_torchvision_resize_center_crop(imagenet_photos, ba
         assert diff < 0.1, f"{photo.name}: mean |difference| {diff:.2f} of 255"
 
 
+def test_the_evaluation_crop_and_resize_come_from_the_config(imagenet_photos):
+    # torchvision's new recipe: train at 176, evaluate a 224 crop of the image resized to 232.
+    import torchvision.transforms as T
+
+    from dist_train.config import DataConfig
+    from dist_train.data.loader import image_decoder
+
+    manifest = {"image": {"encoding": "jpeg"}}
+    cfg = DataConfig(image_size=176, eval_image_size=224, eval_resize=232)
+    _, decode = image_decoder(manifest, train=False, image_size=cfg.image_size,
+                              eval_image_size=cfg.eval_image_size, eval_resize=cfg.eval_resize)
+    _, plain = image_decoder(manifest, train=False, image_size=176)  # the crop follows the training size
+    reference = T.Compose([T.Resize(232), T.CenterCrop(224), T.PILToTensor()])
+    for photo in imagenet_photos[:4]:
+        ours = decode(photo.read_bytes())
+        assert ours.shape == (3, 224, 224) and plain(photo.read_bytes()).shape == (3, 176, 176)
+        expected = reference(Image.open(photo).convert("RGB")).float()
+        assert (ours.float() - expected).abs().mean().item() < 0.1, photo.name
+    with pytest.raises(ValueError, match="data.eval_resize=200"):
+        DataConfig(eval_image_size=224, eval_resize=200)
+
+
 def _decode_crop(data: bytes, box, backend: str) -> tuple[torch.Tensor, tuple[int, int]]:
     header = jpeg.read_header(data, use_simplejpeg=backend == "simplejpeg")
     pixels, (left, top, right, bottom) = jpeg.decode_pixels(data, header, box, 224, reducing_gap=1.0)

@@ -43,6 +43,39 @@ EXPECTED = {
     "radam_lookahead_increase_batch.yaml": [(RADAM_LR, 8192, 0.9)] * 4
     + [(RADAM_LR, 16384, 0.9), (RADAM_LR / 10, 16384, 0.9), (RADAM_LR / 100, 16384, 0.9)],
 }
+# --- torchvision's recipes, their batch-growth twins and their Lookahead(RAdam) counterparts ------------------
+# Hand-computed from torchvision's published recipes (references/classification): V1 is lr 0.1 at B=256, lr / 10
+# every 30 epochs, 90 epochs; the new recipe is lr 0.5 at B=1024, 5 warmup epochs from 0.01 x lr, then a cosine to
+# 0 over the 595 epochs left of 600. The twins keep the lr and multiply B by what the lr was divided by.
+V1_LR = {0: 0.1, 1: 0.1, 29: 0.1, 31: 0.01, 61: 0.001, 89: 0.001}
+NEW_EPOCHS = (0, 1, 5, 100, 300, 550, 599)
+CAP = 32768
+
+
+def _cosine(epoch: float, *, warmup: float, total: float) -> float:
+    """The cosine's lr factor after warmup (1 at its start, 0 at the end)."""
+    return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / (total - warmup)))
+
+
+def _new_recipe_lr(epoch: float) -> float:
+    return 0.5 * (0.01 + 0.99 * epoch / 5) if epoch < 5 else 0.5 * _cosine(epoch, warmup=5, total=600)
+
+
+# file -> (optimizer family, {epoch: (lr, B or None for "the twin's rounded B")}, micro override at 32 ranks)
+TORCHVISION: dict[str, tuple[str, dict[float, tuple[float, int | None]], int]] = {
+    "torchvision_v1_b256.yaml": ("sgd", {e: (lr, 256) for e, lr in V1_LR.items()}, 8),
+    "torchvision_v1_increase_batch.yaml": (
+        "sgd", {e: (0.1, 256 * round(0.1 / lr)) for e, lr in V1_LR.items()}, 8),
+    "radam_lookahead_torchvision_v1.yaml": ("normalized", {e: (5e-3 * lr, 256) for e, lr in V1_LR.items()}, 8),
+    "torchvision_new_b1024.yaml": ("sgd", {e: (_new_recipe_lr(e), 1024) for e in NEW_EPOCHS}, 32),
+    "torchvision_new_increase_batch_cosine.yaml": ("sgd", {e: (_new_recipe_lr(e), None) for e in NEW_EPOCHS}, 32),
+    "radam_lookahead_torchvision_new.yaml": (
+        "normalized", {e: (1e-3 * _cosine(e, warmup=0, total=600), 1024) for e in NEW_EPOCHS}, 32),
+    "radam_lookahead_torchvision_new_increase_batch_cosine.yaml": (
+        "normalized", {e: (1e-3 * _cosine(e, warmup=0, total=600), None) for e in NEW_EPOCHS}, 32),
+}
+
+
 MOMENTUM_VARIANTS = ("smith_momentum_0.9_b8192.yaml", "smith_momentum_0.95_b16384.yaml",
                      "smith_momentum_0.975_b32768.yaml")
 
@@ -51,11 +84,11 @@ def schedule_of(cfg: Config, *, world_size: int) -> Schedule:
     return Schedule(cfg.schedule, base_lr=cfg.optim.lr, base_momentum=cfg.optim.momentum,
                     base_global_batch_size=cfg.train.global_batch_size, dataset_size=N,
                     optimizer_family=optimizer_family(cfg.optim.name),
-                    batch_granularity=cfg.train.micro_batch_size * world_size)
+                    batch_granularity=cfg.train.micro_batch_size * world_size, total_epochs=cfg.train.epochs)
 
 
 def test_every_recipe_has_a_table():
-    assert sorted(p.name for p in IMAGENET.glob("*.yaml")) == sorted(EXPECTED)
+    assert sorted(p.name for p in IMAGENET.glob("*.yaml")) == sorted([*EXPECTED, *TORCHVISION])
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -69,7 +102,7 @@ def test_recipe_loads_strictly_as_resnet50_on_imagenet(name):
     assert Path(cfg.train.run_dir).name == Path(name).stem == cfg.tracking.run_name
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", sorted([*EXPECTED, *TORCHVISION]))
 def test_recipe_holds_only_differences_from_the_defaults(name):
     defaults = to_dict(Config())
 
@@ -84,10 +117,13 @@ def test_recipe_holds_only_differences_from_the_defaults(name):
     walk(yaml.safe_load((IMAGENET / name).read_text()), defaults, "")
 
 
+def _header(name: str) -> str:
+    return "".join(line for line in (IMAGENET / name).read_text().splitlines(keepends=True) if line.startswith("#"))
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_header_states_what_the_paper_reports(name):
-    header = "".join(line for line in (IMAGENET / name).read_text().splitlines(keepends=True)
-                     if line.startswith("#"))
+    header = _header(name)
     assert "top-1" in header and "%" in header and ("hour" in header or "minutes" in header)
 
 
@@ -125,3 +161,111 @@ def test_batch_growth_halves_the_noise_scale_at_epoch_30():
         schedule = schedule_of(load_config(IMAGENET / name), world_size=32)
         before, after = schedule.state_at(29 * N), schedule.state_at(31 * N)
         assert after.noise_scale == pytest.approx(before.noise_scale / 2, rel=1e-9)
+
+
+def _is_twin(name: str) -> bool:
+    return load_config(IMAGENET / name).schedule.mode == "increase_batch_cosine"
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION))
+def test_torchvision_recipe_loads_strictly_as_resnet50_on_imagenet(name):
+    cfg = load_config(IMAGENET / name)
+    assert cfg.model.name == "resnet50" and cfg.model.channels_last and cfg.data.shards == "data/shards/imagenet"
+    assert Path(cfg.train.run_dir).name == Path(name).stem == cfg.tracking.run_name
+    header = _header(name)
+    assert "top-1" in header and "%" in header and "no training time" in header
+    if "_new" in name:  # the new recipe's parts, all of them
+        assert (cfg.data.image_size, cfg.data.eval_image_size, cfg.data.eval_resize) == (176, 224, 232)
+        assert (cfg.data.auto_augment, cfg.data.random_erasing, cfg.data.repeated_augmentation) == \
+            ("trivialaugment", 0.1, 4)
+        assert (cfg.train.label_smoothing, cfg.train.mixup_alpha, cfg.train.cutmix_alpha) == (0.1, 0.2, 1.0)
+        assert (cfg.train.ema_every_steps, cfg.train.ema_decay) == (32, pytest.approx(1 - 2e-5 * 8 * 128 * 32 / 600,
+                                                                                       abs=1e-5))
+        assert cfg.train.epochs == 600 and cfg.train.global_batch_size == 1024
+        assert not cfg.optim.weight_decay_norm_and_bias  # torchvision's --norm-weight-decay 0
+    else:
+        assert cfg.train.epochs == 90 and cfg.train.global_batch_size == 256 and cfg.data.image_size == 224
+        assert cfg.optim.weight_decay_norm_and_bias == (cfg.optim.name == "sgd")  # torchvision decays all of them
+    assert optimizer_family(cfg.optim.name) == TORCHVISION[name][0]
+
+
+def _micro_at(name: str, world_size: int) -> list[str]:
+    """At 32 ranks the recipes' micro-batch does not divide their starting batch; the header names the fix."""
+    micro = TORCHVISION[name][2]
+    return [f"train.micro_batch_size={micro}"] if world_size == 32 and \
+        load_config(IMAGENET / name).train.micro_batch_size * 32 > load_config(IMAGENET / name).train.global_batch_size \
+        else []
+
+
+@pytest.mark.parametrize("name", sorted(TORCHVISION))
+def test_at_32_ranks_the_check_names_the_micro_batch_the_header_gives(name):
+    from dist_train.config import ConfigError, check
+
+    cfg = load_config(IMAGENET / name)
+    if cfg.train.micro_batch_size * 32 <= cfg.train.global_batch_size:
+        check(cfg, world_size=32)
+        return
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        check(cfg, world_size=32)
+    assert f"train.micro_batch_size={TORCHVISION[name][2]}" in _header(name)
+    check(load_config(IMAGENET / name, _micro_at(name, 32)), world_size=32)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("name", sorted(TORCHVISION))
+def test_torchvision_schedule_gives_the_hand_computed_lr_and_batch(name, world_size):
+    cfg = load_config(IMAGENET / name, _micro_at(name, world_size))
+    granularity = cfg.train.micro_batch_size * world_size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if _is_twin(name) else "error")  # only the twins round their batch
+        schedule = schedule_of(cfg, world_size=world_size)
+    family, table, _ = TORCHVISION[name]
+    for epoch, (lr, batch) in table.items():
+        state = schedule.state_at(math.ceil(epoch * N))
+        assert state.momentum == 0.9
+        if batch is not None:
+            assert (state.lr, state.global_batch_size) == (pytest.approx(lr, rel=1e-6), batch), f"epoch {epoch}"
+            continue
+        # The twin: the cosine run's lr during warmup (SGD's 5 epochs); then the lr stays at the base and
+        # B = B0 / c, rounded to the nearest multiple of micro x world size, up to the cap; then the lr falls.
+        base, warmup = (0.5, 5) if family == "sgd" else (1e-3, 0)
+        if epoch < warmup:
+            assert (state.lr, state.global_batch_size) == (pytest.approx(lr, rel=1e-6), 1024), f"epoch {epoch}"
+            continue
+        c = _cosine(epoch, warmup=warmup, total=600)
+        wanted = 1024 / c
+        if wanted <= CAP:
+            assert state.lr == pytest.approx(base, rel=1e-6), f"epoch {epoch}"
+            assert abs(state.global_batch_size - wanted) <= granularity / 2, f"epoch {epoch}"
+        else:
+            assert state.global_batch_size == CAP and state.lr == pytest.approx(base * c * CAP / 1024, rel=1e-6)
+        assert state.global_batch_size % granularity == 0
+        accumulation_steps(state.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
+                           world_size=world_size)
+
+
+@pytest.mark.parametrize("name, twin", [("torchvision_new_b1024.yaml", "torchvision_new_increase_batch_cosine.yaml"),
+                                        ("radam_lookahead_torchvision_new.yaml",
+                                         "radam_lookahead_torchvision_new_increase_batch_cosine.yaml"),
+                                        ("torchvision_v1_b256.yaml", "torchvision_v1_increase_batch.yaml")])
+def test_a_twin_keeps_the_noise_scale_of_its_recipe_with_fewer_updates(name, twin):
+    def schedule(file: str) -> tuple[Config, Schedule]:
+        cfg = load_config(IMAGENET / file, ["train.micro_batch_size=8"])  # a fine batch step: g within 1%
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cfg, schedule_of(cfg, world_size=1)
+
+    def g(cfg: Config, state) -> float:
+        return analytic_noise_scale(lr=state.lr, global_batch_size=state.global_batch_size, momentum=state.momentum,
+                                    dataset_size=N, family=optimizer_family(cfg.optim.name))
+
+    (ref_cfg, reference), (twin_cfg, twinned) = schedule(name), schedule(twin)
+    steps = math.ceil(ref_cfg.train.epochs * N / ref_cfg.train.global_batch_size)  # the recipe's B is constant
+    samples, twin_steps = 0, 0
+    while samples < twin_cfg.train.epochs * N:
+        state = twinned.state_at(samples)
+        if twin_steps % 97 == 0:
+            assert g(twin_cfg, state) == pytest.approx(g(ref_cfg, reference.state_at(samples)), rel=0.02), samples
+        samples += state.global_batch_size
+        twin_steps += 1
+    assert twin_steps < 0.6 * steps

@@ -35,6 +35,13 @@ class DataConfig:
     "epoch" no longer sees every sample exactly once. Off by default: true epochs."""
     image_size: int = 0
     """Training crop size in pixels; 0 keeps the stored size (Fashion-MNIST's 28)."""
+    eval_image_size: int = 0
+    """JPEG shards: the evaluation's centre crop in pixels; 0 takes ``image_size`` (and 224 when that is 0).
+    torchvision's new ResNet-50 recipe trains at 176 and evaluates at 224 (FixRes: test crops larger than the
+    training ones see objects at the size training saw them)."""
+    eval_resize: int = 0
+    """JPEG shards: the shorter side the evaluation image is resized to before its centre crop; 0 takes
+    ``eval_image_size`` x 256 / 224 (256 for 224, the classic ratio). torchvision's new recipe uses 232."""
     auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
     """JPEG shards, training only: a random policy of image ops after the crop and flip, on the uint8 image.
     ``randaugment`` is torchvision's ``RandAugment(randaugment_num_ops, randaugment_magnitude)``,
@@ -71,6 +78,13 @@ class DataConfig:
         if not 0.0 <= self.max_bad_sample_fraction < 1.0:
             raise ValueError("data.max_bad_sample_fraction must be in [0, 1)")
         self._check_augmentation()
+        if self.eval_image_size < 0 or self.eval_resize < 0:
+            raise ValueError("data.eval_image_size and data.eval_resize must be >= 0 (0 derives them from "
+                             "data.image_size)")
+        crop = self.eval_image_size or self.image_size or 224
+        if self.eval_resize and self.eval_resize < crop:
+            raise ValueError(f"data.eval_resize={self.eval_resize} is smaller than the evaluation crop {crop}: the "
+                             f"centre crop must fit in the resized image; set data.eval_resize >= {crop}, or 0")
 
     def _check_augmentation(self) -> None:
         policies = ("none", "randaugment", "trivialaugment")  # the Literal's: the YAML loader checks those

@@ -99,7 +99,8 @@ Decode = Callable[..., torch.Tensor]
 
 
 def image_decoder(manifest: dict[str, Any], *, train: bool, image_size: int,
-                  augment: Augment | None = None) -> tuple[str, Decode]:
+                  augment: Augment | None = None, eval_image_size: int = 0,
+                  eval_resize: int = 0) -> tuple[str, Decode]:
     """The sample key holding the image, and a function from its bytes (and a generator) to a uint8 CHW tensor;
     ``augment`` (JPEG training only) runs after the crop and flip."""
     encoding = manifest["image"]["encoding"]
@@ -109,9 +110,10 @@ def image_decoder(manifest: dict[str, Any], *, train: bool, image_size: int,
     if encoding == "jpeg":
         from dist_train.data import jpeg
 
-        size = image_size or 224
-        return "jpg", (jpeg.train_decoder(size, augment=augment) if train else
-                       jpeg.eval_decoder(size, resize=round(size * 256 / 224)))
+        if train:
+            return "jpg", jpeg.train_decoder(image_size or 224, augment=augment)
+        crop = eval_image_size or image_size or 224
+        return "jpg", jpeg.eval_decoder(crop, resize=eval_resize or round(crop * 256 / 224))
     raise ValueError(f"unknown image encoding {encoding!r} in the manifest; re-run dist-train make-shards")
 
 
@@ -374,7 +376,8 @@ def eval_batches(manifest: dict[str, Any], cfg: DataConfig, *, micro_batch_size:
     start, stop = n * rank // world_size, n * (rank + 1) // world_size
     if stop <= start:
         return iter(())  # more ranks than samples: this one has none
-    key, decode = image_decoder(manifest, train=False, image_size=cfg.image_size)
+    key, decode = image_decoder(manifest, train=False, image_size=cfg.image_size,
+                                eval_image_size=cfg.eval_image_size, eval_resize=cfg.eval_resize)
     # No worker without a micro-batch of its own to decode: starting it would cost more than it saves.
     workers = min(cfg.num_workers, math.ceil((stop - start) / micro_batch_size))
     return _loader(_EvalWorkerData(shards, start, stop, key=key, decode=decode, micro=micro_batch_size), workers,

@@ -90,12 +90,12 @@ def make_trainer(rank: int, world_size: int, *, batches: list[dict], micro: int,
                  checkpoint_every_steps: int = 0, backend: str = "ddp",
                  backend_options: dict | None = None, schedule=None, noise=None, batch_controller=None,
                  ema_decay: float = 0.0, ema_every_steps: int = 1,
-                 train_data=None, batch_mixer=None) -> Trainer:
+                 train_data=None, batch_mixer=None, device: str = "cpu") -> Trainer:
     """A Trainer over ``batches`` (or over ``train_data``, a real stream, in steps of the batches' sizes);
     ``schedule`` defaults to one that follows the batches' sizes."""
     sizes = [len(b["label"]) for b in batches]
     info = DistInfo(rank=rank, world_size=world_size, local_rank=rank, local_world_size=world_size,
-                    device=torch.device("cpu"))
+                    device=torch.device(device))
     backend = build_backend(backend, info, micro_batch_size=micro, **(backend_options or {}))
     backend.setup(model_fn(), lambda m: build_optimizer(m, optim, shard=shard))
     ema = (WeightEMA(backend.module, decay=ema_decay, every_steps=ema_every_steps,

@@ -101,3 +101,31 @@ def test_the_recorder_sees_a_host_read():
         _ = noise.b_simple
         bool(torch.ones(()) > 0)
     assert [c.split(" ")[0] for c in calls] == ["tolist", "__bool__"]
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_non_log_step_synchronises_once():
+    # What the patched methods above stand in for on CPU: CUDA's own sync detector, which warns on every
+    # operation that waits for the device. The one wait allowed is step_flags' read of the agreed flags.
+    import warnings
+
+    from dist_train.noise_scale import GradientNoiseScale
+
+    trainer = make_trainer(0, 1, batches=global_batches(6, 32), micro=8, optim=RADAM_LA,
+                           noise=GradientNoiseScale(ema_decay=0.5), device="cuda")
+    trainer.backend.enable_noise_scale()
+    trainer.cfg = replace(trainer.cfg, log_every_steps=100)
+    for _ in range(3):  # optimizer state, noise averages and RAdam's first steps behind us
+        state = trainer._schedule_state()
+        trainer._after_step(state, trainer.train_step(state))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            state = trainer._schedule_state()
+            trainer._after_step(state, trainer.train_step(state))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) == 1, syncs

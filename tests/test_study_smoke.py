@@ -7,6 +7,7 @@ path of the study, in seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -182,3 +183,32 @@ def test_lookahead_lr_part_reports_beside_part_one_decay_lr_radam_runs(study, sm
     rows = [line for line in table.splitlines() if line.startswith("| radam |")]
     assert sorted(r.split(" | ")[1:3] for r in rows) == [["-", "0.003"], ["-", "0.006"], ["5", "0.003"], ["5", "0.006"]]
     assert "sgd" not in table.split("| optim.name |", 1)[1]
+
+
+# --- parts 4 and 5: the cosine twin, and the preconditioned noise scale ---------------------------
+def test_cosine_part_pairs_each_optimizer_with_the_cosine_and_its_twin(study):
+    from dist_train.config import check, load_config
+
+    settings = {s.name: s for s in study.cosine_settings()}
+    assert sorted(settings) == ["cosine-radam", "cosine-sgd", "increase_batch_cosine-radam",
+                                "increase_batch_cosine-sgd"]
+    for name, setting in settings.items():
+        cfg = load_config(None, [*study.COMMON, *setting.overrides])
+        check(cfg, world_size=1)
+        assert cfg.train.micro_batch_size == 16 and cfg.train.global_batch_size == 128
+        batches = study.planned_batches(setting, twin_rounding=True)
+        if name.startswith("cosine"):
+            assert batches == [128]
+        else:  # 128 / c(t) in steps of 16 up to the ladder's top
+            assert batches[0] == 128 and batches[-1] == 16000 and all(b % 16 == 0 for b in batches)
+
+
+def test_preconditioned_part_differs_only_in_the_estimate(study):
+    from dist_train.config import check, load_config
+
+    raw, pre = (load_config(None, [*study.COMMON, *s.overrides]) for s in study.preconditioned_settings())
+    for cfg in (raw, pre):
+        check(cfg, world_size=1)
+        assert cfg.schedule.mode == "adaptive" and cfg.optim.name == "radam"
+    assert (raw.schedule.noise_scale.preconditioned, pre.schedule.noise_scale.preconditioned) == (False, True)
+    assert dataclasses.replace(pre.schedule, noise_scale=raw.schedule.noise_scale) == raw.schedule

@@ -405,7 +405,8 @@ def test_corrupt_jpeg_in_a_shard_is_skipped_and_counted(imagenet_photos, tmp_pat
 
 # --- the recipes themselves, on a CPU ----------------------------------------------------------------
 @pytest.mark.parametrize("recipe, backend", [("goyal_sgd_b8192.yaml", "ddp"),
-                                             ("radam_lookahead_b8192.yaml", "deepspeed")])
+                                             ("radam_lookahead_b8192.yaml", "deepspeed"),
+                                             ("torchvision_new_b1024.yaml", "ddp")])
 def test_a_recipe_with_data_batch_and_step_overrides_runs_on_cpu_at_cpu_precision(imagenet_shards, tmp_path,
                                                                                     recipe, backend):
     # The recipes say train.precision=auto: bf16 on GPUs, fp32 on a CPU without native bf16, where bf16
@@ -416,12 +417,16 @@ def test_a_recipe_with_data_batch_and_step_overrides_runs_on_cpu_at_cpu_precisio
 
     from mlflow.tracking import MlflowClient
 
+    from dist_train.config import load_config
     from dist_train.cpu import native_bf16
 
     repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "dist_train", "train", str(repo / "configs" / "imagenet" / recipe),
            f"data.shards={imagenet_shards}", "data.num_workers=0", "train.global_batch_size=4",
-           "train.micro_batch_size=2", "train.max_steps=2", "train.progress_bar=false", f"backend.name={backend}"]
+           "train.micro_batch_size=2", "train.max_steps=2", "train.progress_bar=false", f"backend.name={backend}",
+           # Goyal's ghost batches of 32 must fit the micro-batch: 2 here, one ghost batch
+           *(["model.bn_batch_size=2"] if load_config(repo / "configs" / "imagenet" / recipe).model.bn_batch_size
+             else [])]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)  # runs/ and mlflow.db here
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = "bf16" if native_bf16() else "fp32"
